@@ -1,0 +1,62 @@
+//! Link libtorch so that the binary runs with no `LD_LIBRARY_PATH` and, on a
+//! libtorch with CUDA, really gets CUDA.
+//!
+//! torch-sys (its `links = "tch"`) tells us its library folder through
+//! `DEP_TCH_LIBTORCH_LIB`. We embed an rpath to it, and when `libtorch_cuda.so`
+//! is there we link `torch_cuda` and `torch` between `--no-as-needed` and
+//! `--as-needed`: nothing in our code references a CUDA symbol, so otherwise
+//! the linker drops the library and `tch::Cuda::is_available()` says false on
+//! a GPU node. We also record the libtorch version for `sfron doctor`.
+
+use std::fs;
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        println!("cargo:warning=torch-sys did not report its libtorch folder; no rpath set");
+        println!("cargo:rustc-env=SFRON_LIBTORCH_LIB=unknown");
+        println!("cargo:rustc-env=SFRON_LIBTORCH_VERSION=unknown");
+        println!("cargo:rustc-env=SFRON_LIBTORCH_CUDA=false");
+        return;
+    };
+    let lib_dir = Path::new(&lib);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    let has_cuda = lib_dir.join("libtorch_cuda.so").exists();
+    if has_cuda {
+        println!("cargo:rustc-link-search=native={lib}");
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-ltorch");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+    println!("cargo:rustc-env=SFRON_LIBTORCH_LIB={lib}");
+    println!(
+        "cargo:rustc-env=SFRON_LIBTORCH_VERSION={}",
+        libtorch_version(lib_dir)
+    );
+    println!("cargo:rustc-env=SFRON_LIBTORCH_CUDA={has_cuda}");
+}
+
+/// The version string of the libtorch in `lib_dir`: `build-version` of a
+/// libtorch archive (`libtorch/lib/..`), or `version.py` of a PyTorch wheel
+/// (`torch/lib/..`).
+fn libtorch_version(lib_dir: &Path) -> String {
+    let Some(root) = lib_dir.parent() else {
+        return "unknown".into();
+    };
+    if let Ok(text) = fs::read_to_string(root.join("build-version")) {
+        return text.trim().to_string();
+    }
+    if let Ok(text) = fs::read_to_string(root.join("version.py")) {
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("__version__") {
+                let value = rest
+                    .trim_start_matches([' ', '=', ':', 's', 't', 'r'])
+                    .trim();
+                return value.trim_matches(['\'', '"']).to_string();
+            }
+        }
+    }
+    "unknown".into()
+}

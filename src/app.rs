@@ -1,0 +1,80 @@
+//! From parsed arguments to an exit code: set up the world, resolve the
+//! configuration, start logging, run the command, and make sure one rank's
+//! failure ends every rank.
+
+use anyhow::{Context, Result};
+
+use crate::cli::{Cli, Command};
+use crate::comm::{Comm, CommMode};
+use crate::config::{self, Layers, RunPlan};
+use crate::{device, doctor, exit, fsx, telemetry};
+
+/// Runs the command and returns the process exit code (see [`crate::exit`]).
+pub fn run(cli: Cli) -> i32 {
+    let comm = match CommMode::from_env().and_then(Comm::init) {
+        Ok(comm) => comm,
+        Err(e) => {
+            eprintln!("sfron: error: {e}");
+            return exit::ERROR;
+        }
+    };
+    match run_in_world(&comm, &cli) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("sfron: error (rank {}): {e:#}", comm.rank());
+            if comm.size() > 1 {
+                // The other ranks may be waiting in a collective: end them too.
+                comm.abort(exit::ERROR);
+            }
+            exit::ERROR
+        }
+    }
+    // `comm` drops here: MPI is finalised after every rank returned.
+}
+
+fn run_in_world(comm: &Comm, cli: &Cli) -> Result<()> {
+    let layers = Layers {
+        file: cli.global.config.clone(),
+        env: Layers::env_from_process(),
+        sets: cli.global.all_sets(),
+    };
+    let loaded = config::load(&layers)?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let plan = RunPlan::new(loaded, comm.topology(), cores)?;
+    if cli.global.dry_run {
+        if comm.is_root() {
+            print!("{}", plan.describe());
+        }
+        return Ok(());
+    }
+    let span = telemetry::init(&plan.log, comm.rank());
+    let _entered = span.enter();
+    let device = device::select(&plan)?;
+    tracing::info!(ranks = comm.size(), backend = comm.backend(), device = %device::describe(device), "started");
+    match &cli.command {
+        Command::Doctor(args) => {
+            let report = doctor::run(comm, &plan, device, args)?;
+            if comm.is_root() {
+                print!("{report}");
+                save_run_files(&plan, &[("doctor.txt", report.as_bytes())])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rank 0 saves the resolved configuration, and `files`, in the run folder.
+fn save_run_files(plan: &RunPlan, files: &[(&str, &[u8])]) -> Result<()> {
+    let resolved = plan.config.resolved_toml();
+    let config_path = plan.run_dir.join("config.toml");
+    fsx::write_atomic(&config_path, resolved.as_bytes())
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    for (name, bytes) in files {
+        let path = plan.run_dir.join(name);
+        fsx::write_atomic(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
+    tracing::info!(run_dir = %plan.run_dir.display(), "saved the resolved config");
+    Ok(())
+}

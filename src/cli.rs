@@ -1,0 +1,103 @@
+//! Subcommands and flags, nothing else.
+
+use std::path::PathBuf;
+
+use clap::builder::PossibleValuesParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::raw::{DeviceKind, LogFormat, LogRanks};
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0   done
+  2   error (bad input, failed check, a rank panicked or died)
+  75  interrupted (SIGTERM/SIGUSR1), checkpoint written: run the same command again to resume
+
+Configuration layers, lowest first: built-in defaults < --config FILE <
+environment (SFRON_RUN_ROOT, SFRON_SEED, SFRON_DEVICE, SFRON_THREADS,
+SFRON_LOG_LEVEL, SFRON_LOG_RANKS, SFRON_LOG_FORMAT) < --set key=value < the
+shorthand flags (--device, --threads, --log-ranks, --log-format).
+SFRON_COMM=auto|mpi|local chooses the communicator (auto: MPI under mpirun/srun).";
+
+/// sfron: machine unlearning (SFR-on and baselines) as a distributed job.
+#[derive(Debug, Parser)]
+#[command(name = "sfron", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// TOML configuration file (layered over the built-in defaults).
+    #[arg(short, long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Set one key, e.g. `--set device.threads=4` (repeatable, highest precedence).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Shorthand for `--set device.kind=...`.
+    #[arg(long, global = true, value_parser = PossibleValuesParser::new(DeviceKind::NAMES))]
+    pub device: Option<String>,
+    /// Shorthand for `--set device.threads=N` (CPU threads per rank; 0 = automatic).
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<u32>,
+    /// Shorthand for `--set log.ranks=...`: `zero` logs warnings only on ranks > 0.
+    #[arg(long, global = true, value_parser = PossibleValuesParser::new(LogRanks::NAMES))]
+    pub log_ranks: Option<String>,
+    /// Shorthand for `--set log.format=...`.
+    #[arg(long, global = true, value_parser = PossibleValuesParser::new(LogFormat::NAMES))]
+    pub log_format: Option<String>,
+    /// Print the resolved configuration and plan, then exit.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+}
+
+impl GlobalArgs {
+    /// `--set` strings followed by the shorthand flags, lowest precedence first.
+    pub fn all_sets(&self) -> Vec<String> {
+        let mut sets = self.sets.clone();
+        if let Some(d) = &self.device {
+            sets.push(format!("device.kind={d}"));
+        }
+        if let Some(n) = self.threads {
+            sets.push(format!("device.threads={n}"));
+        }
+        if let Some(r) = &self.log_ranks {
+            sets.push(format!("log.ranks={r}"));
+        }
+        if let Some(f) = &self.log_format {
+            sets.push(format!("log.format={f}"));
+        }
+        sets
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the installation and the job: ranks, hosts, devices, libtorch,
+    /// MPI, and a sum, broadcast and agreement across all ranks.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Test-only: make one rank fail after the topology exchange.
+    #[arg(long, hide = true, value_enum)]
+    pub fault: Option<Fault>,
+    /// Test-only: the rank that fails (default 1).
+    #[arg(long, hide = true, default_value_t = 1)]
+    pub fault_rank: usize,
+}
+
+/// Faults `doctor --fault` injects, to test that one failing rank ends the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Fault {
+    /// A Rust panic.
+    Panic,
+    /// SIGKILL to itself.
+    Kill,
+    /// An ordinary error return.
+    Error,
+}

@@ -1,0 +1,25 @@
+//! sfron: machine unlearning with SFR-on and its baselines, run as an MPI job.
+//!
+//! Map of the crate:
+//! - [`cli`]: subcommands and flags only; [`app`]: from arguments to an exit
+//!   code ([`exit`] lists the codes).
+//! - [`config`]: layered TOML/env/`--set` → validated [`config::RunPlan`].
+//! - [`comm`]: the only module that imports MPI; a one-rank world beside it.
+//! - [`device`]: CUDA/CPU choice and libtorch threads per rank.
+//! - [`telemetry`]: tracing setup, quiet by rank.
+//! - [`doctor`]: installation and collective checks.
+//! - [`fsx`]: atomic file writes.
+//!
+//! Threading rule: MPI is initialised once, in [`app::run`], and only the main
+//! thread calls [`comm::Comm`]. tokio tasks and worker threads never call MPI;
+//! they hand results to the main thread, which does the collectives.
+
+pub mod app;
+pub mod cli;
+pub mod comm;
+pub mod config;
+pub mod device;
+pub mod doctor;
+pub mod exit;
+pub mod fsx;
+pub mod telemetry;
