@@ -148,7 +148,7 @@ impl fmt::Debug for Comm {
 /// Environment variables that MPI launchers set in the processes they start:
 /// Open MPI's mpirun, MPICH/Hydra and Intel MPI (PMI), PMIx (Open MPI 5,
 /// `srun --mpi=pmix`).
-const LAUNCHER_VARS: [&str; 5] = [
+pub const LAUNCHER_VARS: [&str; 5] = [
     "OMPI_COMM_WORLD_SIZE",
     "PMI_SIZE",
     "PMI_RANK",
@@ -258,7 +258,9 @@ impl Comm {
     /// Element-wise all-reduce in place: every rank ends with the same values.
     pub fn reduce<T: Scalar>(&self, buf: &mut [T], op: ReduceOp) {
         match &self.inner {
-            Inner::Local => {}
+            Inner::Local => {
+                let _ = (buf, op); // one rank: already the result
+            }
             #[cfg(feature = "mpi")]
             Inner::Mpi(w) => w.all_reduce(buf, op),
         }
@@ -298,7 +300,9 @@ impl Comm {
     /// Copies `root`'s buffer into every rank's buffer (same length everywhere).
     pub fn broadcast<T: Scalar>(&self, buf: &mut [T], root: usize) {
         match &self.inner {
-            Inner::Local => {}
+            Inner::Local => {
+                let _ = (buf, root); // one rank: already the result
+            }
             #[cfg(feature = "mpi")]
             Inner::Mpi(w) => w.broadcast(buf, root),
         }

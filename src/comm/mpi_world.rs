@@ -22,9 +22,10 @@ pub(super) struct MpiWorld {
 }
 
 pub(super) fn library_version() -> Option<String> {
-    mpi::environment::library_version()
-        .ok()
-        .map(|v| v.trim().to_string())
+    mpi::environment::library_version().ok().map(|v| {
+        v.trim_matches(|c: char| c == '\0' || c.is_whitespace())
+            .to_string()
+    })
 }
 
 /// Aborts `MPI_COMM_WORLD` with `code`, from anywhere (the panic hook).

@@ -15,7 +15,10 @@ fn temp_toml(name: &str, text: &str) -> PathBuf {
 }
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn sets(items: &[&str]) -> Vec<String> {
@@ -23,7 +26,9 @@ fn sets(items: &[&str]) -> Vec<String> {
 }
 
 fn error_of(layers: &Layers) -> String {
-    load(layers).expect_err("expected a config error").to_string()
+    load(layers)
+        .expect_err("expected a config error")
+        .to_string()
 }
 
 #[test]
@@ -35,10 +40,19 @@ fn no_layers_gives_the_defaults() {
 
 #[test]
 fn each_layer_overrides_the_ones_below() {
-    let file = temp_toml("layers.toml", "[device]\nthreads = 2\nkind = \"cpu\"\n[log]\nlevel = \"debug\"\n[run]\nseed = 1\n");
-    let only_file = Layers { file: Some(file.clone()), ..Layers::default() };
+    let file = temp_toml(
+        "layers.toml",
+        "[device]\nthreads = 2\nkind = \"cpu\"\n[log]\nlevel = \"debug\"\n[run]\nseed = 1\n",
+    );
+    let only_file = Layers {
+        file: Some(file.clone()),
+        ..Layers::default()
+    };
     let raw = load(&only_file).unwrap().raw;
-    assert_eq!((raw.device.threads, raw.device.kind, raw.run.seed), (2, DeviceKind::Cpu, 1));
+    assert_eq!(
+        (raw.device.threads, raw.device.kind, raw.run.seed),
+        (2, DeviceKind::Cpu, 1)
+    );
 
     let with_env = Layers {
         file: Some(file.clone()),
@@ -47,32 +61,54 @@ fn each_layer_overrides_the_ones_below() {
     };
     let loaded = load(&with_env).unwrap();
     assert_eq!((loaded.raw.device.threads, loaded.raw.run.seed), (3, 7));
-    assert_eq!(loaded.origin("device.threads"), "environment variable SFRON_THREADS");
+    assert_eq!(
+        loaded.origin("device.threads"),
+        "environment variable SFRON_THREADS"
+    );
     assert_eq!(loaded.origin("device.kind"), file.display().to_string());
 
     let with_sets = Layers {
         file: Some(file.clone()),
         env: env(&[("SFRON_THREADS", "3"), ("SFRON_SEED", "7")]),
-        sets: sets(&["device.threads=4", "run.seed=8", "run.seed=9", "log.format=json"]),
+        sets: sets(&[
+            "device.threads=4",
+            "run.seed=8",
+            "run.seed=9",
+            "log.format=json",
+        ]),
     };
     let loaded = load(&with_sets).unwrap();
     assert_eq!(loaded.raw.device.threads, 4);
-    assert_eq!(loaded.raw.run.seed, 9, "a later --set wins over an earlier one");
+    assert_eq!(
+        loaded.raw.run.seed, 9,
+        "a later --set wins over an earlier one"
+    );
     assert_eq!(loaded.raw.log.format, LogFormat::Json);
-    assert_eq!(loaded.raw.log.level, LogLevel::Debug, "untouched file keys stay");
+    assert_eq!(
+        loaded.raw.log.level,
+        LogLevel::Debug,
+        "untouched file keys stay"
+    );
     assert_eq!(loaded.origin("run.seed"), "--set run.seed=9");
 }
 
 #[test]
 fn environment_variables_outside_the_list_are_ignored() {
-    let loaded = load(&Layers { env: env(&[("SFRON_RUN_NAME", "x")]), ..Layers::default() }).unwrap();
+    let loaded = load(&Layers {
+        env: env(&[("SFRON_RUN_NAME", "x")]),
+        ..Layers::default()
+    })
+    .unwrap();
     assert_eq!(loaded.raw.run.name, "default");
 }
 
 #[test]
 fn unknown_key_in_a_file_names_key_file_and_allowed_keys() {
     let file = temp_toml("unknown.toml", "[device]\nkindd = \"cpu\"\n");
-    let msg = error_of(&Layers { file: Some(file.clone()), ..Layers::default() });
+    let msg = error_of(&Layers {
+        file: Some(file.clone()),
+        ..Layers::default()
+    });
     assert!(msg.contains("`device.kindd`"), "{msg}");
     assert!(msg.contains(&file.display().to_string()), "{msg}");
     assert!(msg.contains("`kind`") && msg.contains("`threads`"), "{msg}");
@@ -81,24 +117,42 @@ fn unknown_key_in_a_file_names_key_file_and_allowed_keys() {
 #[test]
 fn unknown_section_names_the_file_it_came_from() {
     let file = temp_toml("section.toml", "[modle]\narch = \"x\"\n");
-    let msg = error_of(&Layers { file: Some(file.clone()), ..Layers::default() });
-    assert!(msg.contains("`modle`") && msg.contains(&file.display().to_string()), "{msg}");
+    let msg = error_of(&Layers {
+        file: Some(file.clone()),
+        ..Layers::default()
+    });
+    assert!(
+        msg.contains("`modle`") && msg.contains(&file.display().to_string()),
+        "{msg}"
+    );
     assert!(msg.contains("`run`, `device`, `log`"), "{msg}");
 }
 
 #[test]
 fn wrong_type_names_key_and_flag() {
-    let msg = error_of(&Layers { sets: sets(&["device.threads=many"]), ..Layers::default() });
-    assert!(msg.contains("`device.threads`") && msg.contains("--set device.threads=many"), "{msg}");
+    let msg = error_of(&Layers {
+        sets: sets(&["device.threads=many"]),
+        ..Layers::default()
+    });
+    assert!(
+        msg.contains("`device.threads`") && msg.contains("--set device.threads=many"),
+        "{msg}"
+    );
     assert!(msg.contains("integer"), "{msg}");
     let file = temp_toml("negative.toml", "[run]\nseed = -1\n");
-    let msg = error_of(&Layers { file: Some(file), ..Layers::default() });
+    let msg = error_of(&Layers {
+        file: Some(file),
+        ..Layers::default()
+    });
     assert!(msg.contains("`run.seed`") && msg.contains("-1"), "{msg}");
 }
 
 #[test]
 fn wrong_enum_value_lists_the_allowed_values_and_the_variable() {
-    let msg = error_of(&Layers { env: env(&[("SFRON_DEVICE", "tpu")]), ..Layers::default() });
+    let msg = error_of(&Layers {
+        env: env(&[("SFRON_DEVICE", "tpu")]),
+        ..Layers::default()
+    });
     assert!(msg.contains("`device.kind`"), "{msg}");
     assert!(msg.contains("environment variable SFRON_DEVICE"), "{msg}");
     assert!(msg.contains("auto, cpu, cuda"), "{msg}");
@@ -106,58 +160,137 @@ fn wrong_enum_value_lists_the_allowed_values_and_the_variable() {
 
 #[test]
 fn bad_set_syntax_and_bad_files_are_named() {
-    let msg = error_of(&Layers { sets: sets(&["device.threads"]), ..Layers::default() });
-    assert!(msg.contains("--set device.threads") && msg.contains("key.path=value"), "{msg}");
-    let msg = error_of(&Layers { sets: sets(&["device..threads=1"]), ..Layers::default() });
+    let msg = error_of(&Layers {
+        sets: sets(&["device.threads"]),
+        ..Layers::default()
+    });
+    assert!(
+        msg.contains("--set device.threads") && msg.contains("key.path=value"),
+        "{msg}"
+    );
+    let msg = error_of(&Layers {
+        sets: sets(&["device..threads=1"]),
+        ..Layers::default()
+    });
     assert!(msg.contains("dotted words"), "{msg}");
     let broken = temp_toml("broken.toml", "[device\nthreads = 1\n");
-    let msg = error_of(&Layers { file: Some(broken.clone()), ..Layers::default() });
-    assert!(msg.contains(&broken.display().to_string()) && msg.contains("line 1"), "{msg}");
+    let msg = error_of(&Layers {
+        file: Some(broken.clone()),
+        ..Layers::default()
+    });
+    assert!(
+        msg.contains(&broken.display().to_string()) && msg.contains("line 1"),
+        "{msg}"
+    );
     let missing = PathBuf::from("/nonexistent/sfron.toml");
-    let msg = error_of(&Layers { file: Some(missing), ..Layers::default() });
+    let msg = error_of(&Layers {
+        file: Some(missing),
+        ..Layers::default()
+    });
     assert!(msg.contains("/nonexistent/sfron.toml"), "{msg}");
 }
 
 #[test]
 fn resolved_toml_loads_back_to_the_same_config() {
-    let layers = Layers { sets: sets(&["run.seed=42", "device.kind=cpu", "run.name=study-1"]), ..Layers::default() };
+    let layers = Layers {
+        sets: sets(&["run.seed=42", "device.kind=cpu", "run.name=study-1"]),
+        ..Layers::default()
+    };
     let loaded = load(&layers).unwrap();
     let path = temp_toml("resolved.toml", &loaded.resolved_toml());
-    let again = load(&Layers { file: Some(path), ..Layers::default() }).unwrap();
+    let again = load(&Layers {
+        file: Some(path),
+        ..Layers::default()
+    })
+    .unwrap();
     assert_eq!(again.raw, loaded.raw);
 }
 
 #[test]
 fn plan_derives_threads_and_run_dir() {
-    let topo = Topology { rank: 1, size: 4, local_rank: 1, local_size: 2 };
+    let topo = Topology {
+        rank: 1,
+        size: 4,
+        local_rank: 1,
+        local_size: 2,
+    };
     let plan = RunPlan::new(load(&Layers::default()).unwrap(), &topo, 16).unwrap();
     assert_eq!(plan.threads, 8, "16 cores shared by 2 ranks on this host");
     assert_eq!(plan.run_dir, PathBuf::from("runs/default"));
     let one_core = RunPlan::new(load(&Layers::default()).unwrap(), &topo, 1).unwrap();
     assert_eq!(one_core.threads, 1);
-    let set = load(&Layers { sets: sets(&["device.threads=3"]), ..Layers::default() }).unwrap();
+    let set = load(&Layers {
+        sets: sets(&["device.threads=3"]),
+        ..Layers::default()
+    })
+    .unwrap();
     assert_eq!(RunPlan::new(set, &topo, 16).unwrap().threads, 3);
 }
 
 #[test]
 fn plan_rejects_values_with_the_key_and_its_origin() {
     let topo = Topology::single();
-    let loaded = load(&Layers { sets: sets(&["device.threads=5000"]), ..Layers::default() }).unwrap();
+    let loaded = load(&Layers {
+        sets: sets(&["device.threads=5000"]),
+        ..Layers::default()
+    })
+    .unwrap();
     let msg = RunPlan::new(loaded, &topo, 2).unwrap_err().to_string();
-    assert!(msg.contains("`device.threads`") && msg.contains("--set device.threads=5000"), "{msg}");
+    assert!(
+        msg.contains("`device.threads`") && msg.contains("--set device.threads=5000"),
+        "{msg}"
+    );
     assert!(msg.contains("0 (automatic) to 1024"), "{msg}");
-    let loaded = load(&Layers { env: env(&[("SFRON_RUN_ROOT", " ")]), ..Layers::default() }).unwrap();
+    let loaded = load(&Layers {
+        env: env(&[("SFRON_RUN_ROOT", " ")]),
+        ..Layers::default()
+    })
+    .unwrap();
     let msg = RunPlan::new(loaded, &topo, 2).unwrap_err().to_string();
-    assert!(msg.contains("`run.root`") && msg.contains("SFRON_RUN_ROOT"), "{msg}");
-    let loaded = load(&Layers { sets: sets(&["run.name=../escape"]), ..Layers::default() }).unwrap();
+    assert!(
+        msg.contains("`run.root`") && msg.contains("SFRON_RUN_ROOT"),
+        "{msg}"
+    );
+    let loaded = load(&Layers {
+        sets: sets(&["run.name=../escape"]),
+        ..Layers::default()
+    })
+    .unwrap();
     let msg = RunPlan::new(loaded, &topo, 2).unwrap_err().to_string();
-    assert!(msg.contains("`run.name`") && msg.contains("not a folder name"), "{msg}");
+    assert!(
+        msg.contains("`run.name`") && msg.contains("not a folder name"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn dry_run_description_shows_origins_and_derived_values() {
-    let loaded = load(&Layers { sets: sets(&["run.seed=5"]), ..Layers::default() }).unwrap();
-    let text = RunPlan::new(loaded, &Topology::single(), 4).unwrap().describe();
-    assert!(text.contains("run.seed = 5") && text.contains("# --set run.seed=5"), "{text}");
+    let loaded = load(&Layers {
+        sets: sets(&["run.seed=5"]),
+        ..Layers::default()
+    })
+    .unwrap();
+    let text = RunPlan::new(loaded, &Topology::single(), 4)
+        .unwrap()
+        .describe();
+    assert!(
+        text.contains("run.seed = 5") && text.contains("# --set run.seed=5"),
+        "{text}"
+    );
     assert!(text.contains("threads_per_rank = 4"), "{text}");
+}
+
+#[test]
+fn shipped_reference_config_equals_the_defaults() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/reference.toml");
+    let loaded = load(&Layers {
+        file: Some(path),
+        ..Layers::default()
+    })
+    .unwrap();
+    assert_eq!(
+        loaded.raw,
+        RawConfig::default(),
+        "configs/reference.toml drifted from raw.rs"
+    );
 }

@@ -1,0 +1,164 @@
+//! End-to-end tests of the `sfron` binary in one process (no mpirun).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+mod support;
+
+fn sfron(args: &[&str]) -> Output {
+    support::sfron_alone()
+        .args(args)
+        .output()
+        .expect("run sfron")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sfron-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn doctor_alone_passes_and_saves_the_resolved_config() {
+    let root = temp_dir("doctor");
+    let root_s = root.display().to_string();
+    let out = sfron(&[
+        "doctor",
+        "--set",
+        &format!("run.root={root_s}"),
+        "--set",
+        "run.name=check",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("world       1 rank(s), backend local"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("libtorch    2.11"), "{stdout}");
+    assert!(
+        stdout.contains("all checks passed on 1 rank(s)"),
+        "{stdout}"
+    );
+    let saved = std::fs::read_to_string(root.join("check/config.toml")).unwrap();
+    assert!(
+        saved.contains("kind = \"cpu\"") && saved.contains("name = \"check\""),
+        "{saved}"
+    );
+    assert!(saved.starts_with("# resolved by sfron"), "{saved}");
+    // The saved file is a valid --config for the same run.
+    let again = sfron(&[
+        "doctor",
+        "--config",
+        &root.join("check/config.toml").display().to_string(),
+        "--dry-run",
+    ]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    assert!(text(&again.stdout).contains("device.kind = \"cpu\""));
+    assert!(
+        std::fs::read_to_string(root.join("check/doctor.txt"))
+            .unwrap()
+            .contains("all checks passed")
+    );
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let root = temp_dir("dry");
+    let out = sfron(&[
+        "doctor",
+        "--dry-run",
+        "--set",
+        &format!("run.root={}", root.display()),
+        "--threads",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("device.threads = 3") && stdout.contains("# --set device.threads=3"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("threads_per_rank = 3"), "{stdout}");
+    assert!(
+        std::fs::read_dir(&root).unwrap().next().is_none(),
+        "dry run wrote files"
+    );
+}
+
+#[test]
+fn bad_config_exits_2_naming_file_and_key() {
+    let dir = temp_dir("bad");
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[log]\nformat = \"xml\"\n").unwrap();
+    let out = sfron(&["--config", &file.display().to_string(), "doctor"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("`log.format`") && stderr.contains(&file.display().to_string()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("text, json"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn cuda_request_without_a_gpu_is_a_clear_error() {
+    if tch::Cuda::is_available() {
+        return; // On a GPU machine this request is valid; nothing to check.
+    }
+    let out = sfron(&[
+        "doctor",
+        "--device",
+        "cuda",
+        "--set",
+        &format!("run.root={}", temp_dir("cuda").display()),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("`device.kind`") && stderr.contains("--set device.kind=cuda"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_comm_mode_is_refused() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sfron"));
+    let out = cmd
+        .env("SFRON_COMM", "nccl")
+        .args(["doctor", "--dry-run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("SFRON_COMM=\"nccl\""));
+}
+
+#[test]
+fn help_documents_exit_codes_and_environment() {
+    let out = sfron(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("75  interrupted") && stdout.contains("2   error"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("SFRON_DEVICE") && stdout.contains("SFRON_COMM"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = sfron(&["doctor", "--device", "tpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("possible values: auto, cpu, cuda"));
+}

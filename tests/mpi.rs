@@ -1,0 +1,388 @@
+//! Multi-rank tests under a real MPI launcher (`mpirun`).
+//!
+//! cargo runs this file as an ordinary test binary (no libtest harness). Run
+//! that way it is the *driver*: it starts itself under `mpirun -np 2` and
+//! `-np 3` (oversubscribed: CI has 2 cores), where it becomes a *worker* that
+//! checks every collective of `sfron::comm` on known inputs, buffer sizes up
+//! to 80 MB included; then it runs the built `sfron doctor` under mpirun and
+//! alone, and injects faults (a panic, SIGKILL, an error) on one rank to check
+//! that the whole job ends, non-zero, within 10 seconds.
+//!
+//! `MPIRUN` overrides the launcher (default `mpirun` on PATH).
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sfron::comm::{Comm, CommMode, REDUCE_CHUNK, ReduceOp};
+use tch::{Kind, Tensor};
+
+mod support;
+
+fn main() {
+    if sfron::comm::launched_by_mpi() {
+        std::process::exit(worker());
+    }
+    std::process::exit(driver());
+}
+
+// ---------------------------------------------------------------- worker
+
+/// Element sizes: tiny, odd, across the reduction chunk, and above 64 MB.
+fn sizes() -> Vec<usize> {
+    vec![1, 1001, REDUCE_CHUNK + 3, 20_000_000]
+}
+
+fn worker() -> i32 {
+    let comm = Comm::init(CommMode::Mpi).expect("MPI init");
+    let mut failures = Vec::new();
+    let mut check = |name: String, result: Result<(), String>| {
+        if let Err(why) = result {
+            eprintln!("rank {}: {name}: {why}", comm.rank());
+            failures.push(name);
+        }
+    };
+    for n in sizes() {
+        check(format!("sum f32 n={n}"), sum_f32(&comm, n));
+        check(format!("mean f32 n={n}"), mean_f32(&comm, n));
+        check(
+            format!("bitwise-identical f32 sum n={n}"),
+            identical_inexact_sum(&comm, n),
+        );
+        if n <= 10_000_000 {
+            check(format!("sum/mean f64 n={n}"), sum_mean_f64(&comm, n));
+            check(format!("sum/max/min i64 n={n}"), int_reductions(&comm, n));
+        }
+        check(format!("broadcast f32 n={n}"), broadcast_f32(&comm, n));
+    }
+    check(
+        "sum f64 n=9M (72 MB)".into(),
+        sum_mean_f64(&comm, 9_000_000),
+    );
+    check(
+        "sum i64 n=9M (72 MB)".into(),
+        int_reductions(&comm, 9_000_000),
+    );
+    check("tensors".into(), tensors(&comm));
+    check("broadcast bytes".into(), broadcast_bytes(&comm));
+    check("all-gather bytes".into(), gather_bytes(&comm));
+    check("agree".into(), agree(&comm));
+    comm.barrier();
+    let ok = comm.all_agree(failures.is_empty());
+    if comm.is_root() {
+        println!(
+            "worker: {} ranks, collectives {}",
+            comm.size(),
+            if ok { "ok" } else { "FAILED" }
+        );
+    }
+    if ok { 0 } else { 1 }
+}
+
+fn expect_all<T: PartialEq + Copy + std::fmt::Debug>(
+    got: &[T],
+    want: impl Fn(usize) -> T,
+) -> Result<(), String> {
+    match got.iter().enumerate().find(|(i, x)| **x != want(*i)) {
+        None => Ok(()),
+        Some((i, x)) => Err(format!("element {i}: got {x:?}, want {:?}", want(i))),
+    }
+}
+
+/// Rank r holds (i mod 4093)·(r+1): every partial sum is an exactly
+/// representable integer, whatever order MPI adds in.
+fn sum_f32(comm: &Comm, n: usize) -> Result<(), String> {
+    let (r, s) = (comm.rank() as f32, comm.size() as f32);
+    let mut buf: Vec<f32> = (0..n).map(|i| (i % 4093) as f32 * (r + 1.0)).collect();
+    comm.sum(&mut buf);
+    let tri = s * (s + 1.0) / 2.0;
+    expect_all(&buf, |i| (i % 4093) as f32 * tri)
+}
+
+fn mean_f32(comm: &Comm, n: usize) -> Result<(), String> {
+    let (r, s) = (comm.rank() as f32, comm.size() as f32);
+    let mut buf: Vec<f32> = (0..n).map(|i| (i % 1021) as f32 + 2.0 * r).collect();
+    comm.mean(&mut buf);
+    expect_all(&buf, |i| (i % 1021) as f32 + (s - 1.0))
+}
+
+/// Inexact sums must still come out bit-identical on every rank.
+fn identical_inexact_sum(comm: &Comm, n: usize) -> Result<(), String> {
+    let r = comm.rank() as f32;
+    let mut buf: Vec<f32> = (0..n).map(|i| 0.1 * (i % 97) as f32 + 0.37 * r).collect();
+    comm.sum(&mut buf);
+    let hash = buf.iter().fold(0xcbf29ce484222325u64, |h, x| {
+        (h ^ x.to_bits() as u64).wrapping_mul(0x100000001b3)
+    });
+    let all = comm.all_gather_bytes(&hash.to_le_bytes());
+    if all.iter().any(|h| h[..] != hash.to_le_bytes()[..]) {
+        return Err("ranks hold different bits after the same all-reduce".into());
+    }
+    Ok(())
+}
+
+fn sum_mean_f64(comm: &Comm, n: usize) -> Result<(), String> {
+    let (r, s) = (comm.rank() as f64, comm.size() as f64);
+    let mut buf: Vec<f64> = (0..n).map(|i| i as f64 * 0.5 + r).collect();
+    let mut mean = buf.clone();
+    comm.sum(&mut buf);
+    expect_all(&buf, |i| i as f64 * 0.5 * s + s * (s - 1.0) / 2.0)?;
+    comm.mean(&mut mean);
+    expect_all(&mean, |i| i as f64 * 0.5 + (s - 1.0) / 2.0)
+}
+
+fn int_reductions(comm: &Comm, n: usize) -> Result<(), String> {
+    let (r, s) = (comm.rank() as i64, comm.size() as i64);
+    let base: Vec<i64> = (0..n).map(|i| (i as i64) * 1_000_003 + r).collect();
+    let mut sum = base.clone();
+    comm.sum(&mut sum);
+    expect_all(&sum, |i| s * (i as i64) * 1_000_003 + s * (s - 1) / 2)?;
+    let mut max = base.clone();
+    comm.reduce(&mut max, ReduceOp::Max);
+    expect_all(&max, |i| (i as i64) * 1_000_003 + s - 1)?;
+    let mut min = base;
+    comm.reduce(&mut min, ReduceOp::Min);
+    expect_all(&min, |i| (i as i64) * 1_000_003)
+}
+
+fn broadcast_f32(comm: &Comm, n: usize) -> Result<(), String> {
+    for root in [0, comm.size() - 1] {
+        let mut buf: Vec<f32> = (0..n)
+            .map(|i| (i % 9973) as f32 + 10_000.0 * comm.rank() as f32)
+            .collect();
+        comm.broadcast(&mut buf, root);
+        expect_all(&buf, |i| (i % 9973) as f32 + 10_000.0 * root as f32)
+            .map_err(|e| format!("root {root}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn tensors(comm: &Comm) -> Result<(), String> {
+    let (r, s) = (comm.rank() as f64, comm.size() as f64);
+    let mut t = Tensor::arange(600, (Kind::Float, tch::Device::Cpu)).reshape([20, 30]) * (r + 1.0);
+    comm.sum_tensor(&mut t).map_err(|e| e.to_string())?;
+    let want = Tensor::arange(600, (Kind::Float, tch::Device::Cpu)).reshape([20, 30])
+        * (s * (s + 1.0) / 2.0);
+    if !t.equal(&want) {
+        return Err("sum_tensor".into());
+    }
+    // A non-contiguous view goes through a host copy and is written back in place.
+    let base = Tensor::full([8, 6], r, (Kind::Double, tch::Device::Cpu));
+    let mut view = base.transpose(0, 1);
+    comm.mean_tensor(&mut view).map_err(|e| e.to_string())?;
+    if !base.equal(&Tensor::full(
+        [8, 6],
+        (s - 1.0) / 2.0,
+        (Kind::Double, tch::Device::Cpu),
+    )) {
+        return Err("mean_tensor of a transposed view".into());
+    }
+    let mut ints = Tensor::full([5], comm.rank() as i64, (Kind::Int64, tch::Device::Cpu));
+    comm.broadcast_tensor(&mut ints, comm.size() - 1)
+        .map_err(|e| e.to_string())?;
+    if Vec::<i64>::try_from(&ints).unwrap() != vec![comm.size() as i64 - 1; 5] {
+        return Err("broadcast_tensor Int64 from the last rank".into());
+    }
+    if comm.mean_tensor(&mut ints).is_ok() {
+        return Err("mean of an Int64 tensor should be refused".into());
+    }
+    let mut halves = Tensor::zeros([3], (Kind::Half, tch::Device::Cpu));
+    if comm.sum_tensor(&mut halves).is_ok() {
+        return Err("a Half tensor should be refused, not reduced as bytes".into());
+    }
+    Ok(())
+}
+
+fn broadcast_bytes(comm: &Comm) -> Result<(), String> {
+    for len in [0usize, 1, 70_000] {
+        let want: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+        let mut bytes = if comm.is_root() {
+            want.clone()
+        } else {
+            vec![1u8; comm.rank() * 13]
+        };
+        comm.broadcast_bytes(&mut bytes, 0);
+        if bytes != want {
+            return Err(format!("len {len}: got {} bytes", bytes.len()));
+        }
+    }
+    Ok(())
+}
+
+fn gather_bytes(comm: &Comm) -> Result<(), String> {
+    let mine: Vec<u8> = vec![comm.rank() as u8; comm.rank() * 3];
+    let all = comm.all_gather_bytes(&mine);
+    for (r, got) in all.iter().enumerate() {
+        if *got != vec![r as u8; r * 3] {
+            return Err(format!("rank {r}'s entry: {got:?}"));
+        }
+    }
+    if all.len() != comm.size() {
+        return Err(format!("{} entries for {} ranks", all.len(), comm.size()));
+    }
+    Ok(())
+}
+
+fn agree(comm: &Comm) -> Result<(), String> {
+    if !comm.all_agree(true) {
+        return Err("all true → false".into());
+    }
+    for dissenter in 0..comm.size() {
+        if comm.all_agree(comm.rank() != dissenter) {
+            return Err(format!("rank {dissenter} said false, yet agreed"));
+        }
+    }
+    if comm.sum_scalar(1i64) != comm.size() as i64 {
+        return Err("sum_scalar of ones".into());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- driver
+
+struct Outcome {
+    code: Option<i32>,
+    elapsed: Duration,
+    stdout: String,
+    stderr: String,
+    timed_out: bool,
+}
+
+/// Runs `cmd` in its own process group; kills the group after `limit`.
+fn run(mut cmd: Command, limit: Duration) -> Outcome {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .process_group(0);
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn");
+    let pgid = child.id() as i32;
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            timed_out = true;
+            // SAFETY: signals our own child's process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            break child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let elapsed = start.elapsed();
+    Outcome {
+        code: status.code(),
+        elapsed,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+        timed_out,
+    }
+}
+
+fn mpirun(np: usize) -> Command {
+    let launcher = std::env::var("MPIRUN").unwrap_or_else(|_| "mpirun".into());
+    let mut cmd = Command::new(&launcher);
+    let version = Command::new(&launcher)
+        .arg("--version")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    if String::from_utf8_lossy(&version).contains("Open MPI") {
+        cmd.arg("--oversubscribe");
+        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    }
+    cmd.args(["-np", &np.to_string()]);
+    cmd
+}
+
+fn sfron_args(cmd: &mut Command, run_root: &str) {
+    cmd.arg(env!("CARGO_BIN_EXE_sfron"))
+        .args(["--set", &format!("run.root={run_root}")]);
+}
+
+fn driver() -> i32 {
+    let run_root = std::env::temp_dir().join(format!("sfron-mpi-test-{}", std::process::id()));
+    let run_root = run_root.display().to_string();
+    let me = std::env::current_exe().expect("current exe");
+    let mut passed = 0;
+    let mut failed = 0;
+    let mut report = |name: &str, ok: bool, o: &Outcome| {
+        let verdict = if ok { "ok" } else { "FAILED" };
+        println!(
+            "test {name} ... {verdict} ({:.1} s, exit {:?})",
+            o.elapsed.as_secs_f64(),
+            o.code
+        );
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+            println!("--- stdout\n{}--- stderr\n{}", o.stdout, o.stderr);
+        }
+    };
+
+    for np in [2, 3] {
+        let mut cmd = mpirun(np);
+        cmd.arg(&me);
+        let o = run(cmd, Duration::from_secs(300));
+        report(
+            &format!("collectives_under_mpirun_np{np}"),
+            o.code == Some(0) && !o.timed_out,
+            &o,
+        );
+    }
+
+    let mut cmd = mpirun(2);
+    sfron_args(&mut cmd, &run_root);
+    cmd.arg("doctor");
+    let o = run(cmd, Duration::from_secs(120));
+    let ok = o.code == Some(0)
+        && o.stdout.contains("world       2 rank(s), backend mpi")
+        && o.stdout.contains("all checks passed on 2 rank(s)")
+        && std::path::Path::new(&run_root)
+            .join("default/config.toml")
+            .exists();
+    report("doctor_under_mpirun_np2", ok, &o);
+
+    let mut cmd = support::sfron_alone();
+    cmd.args(["--set", &format!("run.root={run_root}"), "doctor"]);
+    let o = run(cmd, Duration::from_secs(60));
+    let ok = o.code == Some(0) && o.stdout.contains("world       1 rank(s), backend local");
+    report("doctor_without_mpirun", ok, &o);
+
+    for (np, fault, rank) in [
+        (2, "panic", 1),
+        (3, "panic", 2),
+        (2, "kill", 1),
+        (3, "kill", 0),
+        (2, "error", 1),
+    ] {
+        let mut cmd = mpirun(np);
+        sfron_args(&mut cmd, &run_root);
+        cmd.args([
+            "doctor",
+            "--fault",
+            fault,
+            "--fault-rank",
+            &rank.to_string(),
+        ]);
+        let o = run(cmd, Duration::from_secs(15));
+        let ok =
+            !o.timed_out && o.code.is_some_and(|c| c != 0) && o.elapsed < Duration::from_secs(10);
+        report(
+            &format!("fault_{fault}_on_rank{rank}_of_{np}_ends_every_rank"),
+            ok,
+            &o,
+        );
+    }
+
+    let _ = std::fs::remove_dir_all(&run_root);
+    println!("\nmpi: {passed} passed, {failed} failed");
+    if failed == 0 { 0 } else { 1 }
+}
