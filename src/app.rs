@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use crate::cli::{Cli, Command};
 use crate::comm::{Comm, CommMode};
 use crate::config::{self, Layers, RunPlan};
-use crate::{device, doctor, exit, fsx, telemetry};
+use crate::{device, doctor, exit, fsx, split, telemetry};
 
 /// Runs the command and returns the process exit code (see [`crate::exit`]).
 pub fn run(cli: Cli) -> i32 {
@@ -60,6 +60,18 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<()> {
                 print!("{report}");
                 save_run_files(&plan, &[("doctor.txt", report.as_bytes())])?;
             }
+        }
+        Command::Split(args) => {
+            if comm.is_root() {
+                let out = args
+                    .out
+                    .clone()
+                    .unwrap_or_else(|| plan.run_dir.join("split.json"));
+                let summary = split::run(&plan, &args.scenario, &out)?;
+                print!("{summary}");
+                save_run_files(&plan, &[])?;
+            }
+            comm.barrier();
         }
     }
     Ok(())

@@ -79,6 +79,20 @@ pub enum Command {
     /// Check the installation and the job: ranks, hosts, devices, libtorch,
     /// MPI, and a sum, broadcast and agreement across all ranks.
     Doctor(DoctorArgs),
+    /// Choose the forget set of the training data and write a split manifest
+    /// (JSON) that every later command of the study reads.
+    Split(SplitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SplitArgs {
+    /// `random:FRACTION` (seeded by run.seed), `class:3,5`, or `list:FILE`
+    /// (one sample index or id per line).
+    #[arg(long, value_name = "SCENARIO")]
+    pub scenario: String,
+    /// Where to write the manifest [default: <run folder>/split.json].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

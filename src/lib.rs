@@ -8,6 +8,8 @@
 //! - [`device`]: CUDA/CPU choice and libtorch threads per rank.
 //! - [`telemetry`]: tracing setup, quiet by rank.
 //! - [`doctor`]: installation and collective checks.
+//! - [`data`]: formats, split manifests, sharded sampler, transforms, loader.
+//! - [`rng`]: keyed random streams (every random choice is a function of its key).
 //! - [`fsx`]: atomic file writes.
 //!
 //! Threading rule: MPI is initialised once, in [`app::run`], and only the main
@@ -18,8 +20,11 @@ pub mod app;
 pub mod cli;
 pub mod comm;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod doctor;
 pub mod exit;
 pub mod fsx;
+pub mod rng;
+pub mod split;
 pub mod telemetry;

@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 
 use config::{Map, Source, Value, ValueKind};
 
-pub use plan::RunPlan;
+pub use plan::{DataPlan, RunPlan};
 pub use raw::RawConfig;
 
 /// The only environment variables that set configuration keys.
-pub const ENV_KEYS: [(&str, &str); 7] = [
+pub const ENV_KEYS: [(&str, &str); 8] = [
     ("SFRON_RUN_ROOT", "run.root"),
     ("SFRON_SEED", "run.seed"),
     ("SFRON_DEVICE", "device.kind"),
@@ -31,6 +31,7 @@ pub const ENV_KEYS: [(&str, &str); 7] = [
     ("SFRON_LOG_LEVEL", "log.level"),
     ("SFRON_LOG_RANKS", "log.ranks"),
     ("SFRON_LOG_FORMAT", "log.format"),
+    ("SFRON_DATA_ROOT", "data.root"),
 ];
 
 const DEFAULT_ORIGIN: &str = "built-in default";

@@ -46,6 +46,7 @@ pub struct RawConfig {
     pub run: RunSection,
     pub device: DeviceSection,
     pub log: LogSection,
+    pub data: DataSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,6 +137,68 @@ impl Default for LogSection {
             level: LogLevel::Info,
             ranks: LogRanks::Zero,
             format: LogFormat::Text,
+        }
+    }
+}
+
+string_enum! {
+    /// On-disk dataset formats (see `data::dataset`).
+    DataFormat {
+        Mnist => "mnist",
+        Cifar10 => "cifar10",
+        Cifar100 => "cifar100",
+        ImageFolder => "imagefolder",
+        Tar => "tar",
+    }
+}
+
+string_enum! {
+    /// Per-sample transforms; `auto` picks the format's usual one.
+    TransformName {
+        Auto => "auto",
+        Mnist => "mnist",
+        Cifar10 => "cifar10",
+        Cifar100 => "cifar100",
+        ImageNet => "imagenet",
+    }
+}
+
+string_enum! {
+    /// What to do with an image that cannot be decoded.
+    OnCorrupt {
+        /// Stop with an error naming the file.
+        Error => "error",
+        /// Leave the sample out of its batch, count and log it.
+        Skip => "skip",
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub format: DataFormat,
+    /// Folder of the dataset (layout per format: see `data::dataset`).
+    pub root: String,
+    pub transform: TransformName,
+    /// Decode threads per rank; 0 decodes on the main thread.
+    pub workers: u32,
+    /// Batches decoded ahead per stream.
+    pub prefetch: u32,
+    pub on_corrupt: OnCorrupt,
+    /// Split manifest written by `sfron split` ("" = none).
+    pub split: String,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            format: DataFormat::Mnist,
+            root: "tests/data/mnist".into(),
+            transform: TransformName::Auto,
+            workers: 2,
+            prefetch: 4,
+            on_corrupt: OnCorrupt::Error,
+            split: String::new(),
         }
     }
 }

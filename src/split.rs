@@ -1,0 +1,70 @@
+//! `sfron split`: open the training data, choose the forget set, write the
+//! manifest, and say what was chosen.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::config::RunPlan;
+use crate::data::{Dataset, Manifest, Part, Scenario};
+
+/// Writes the manifest to `out`; returns the summary to print.
+pub fn run(plan: &RunPlan, scenario: &str, out: &Path) -> Result<String> {
+    let d = &plan.data;
+    let train = Dataset::open(d.format, &d.root, Part::Train)
+        .with_context(|| format!("opening the {} training data (data.root)", d.format.name()))?;
+    let scenario = Scenario::parse(scenario, plan.seed)?;
+    let manifest = Manifest::create(&train, scenario)?;
+    manifest.save(out)?;
+    tracing::info!(path = %out.display(), forget = manifest.forget.len(), "wrote the split manifest");
+    Ok(summary(&manifest, out))
+}
+
+fn summary(m: &Manifest, out: &Path) -> String {
+    let remain: usize = m.counts.remain.iter().sum();
+    let mut text = format!(
+        "split       {} → {}\ndataset     {} at {} ({} training samples, {})\nforget      {} samples\nremain      {} samples\n",
+        scenario_text(&m.scenario),
+        out.display(),
+        m.dataset.format,
+        m.dataset.root.display(),
+        m.dataset.samples,
+        m.dataset.fingerprint,
+        m.forget.len(),
+        remain
+    );
+    text.push_str("class       forget  remain\n");
+    for (c, name) in m.dataset.classes.iter().enumerate() {
+        text.push_str(&format!(
+            "{name:<10} {:>7} {:>7}\n",
+            m.counts.forget[c], m.counts.remain[c]
+        ));
+    }
+    text
+}
+
+fn scenario_text(s: &Scenario) -> String {
+    match s {
+        Scenario::Random { fraction, seed } => format!("random:{fraction} (seed {seed})"),
+        Scenario::Class { classes } => {
+            format!(
+                "class:{}",
+                classes
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        }
+        Scenario::List {
+            file,
+            listed,
+            duplicates,
+        } => {
+            format!(
+                "list:{} ({listed} lines, {duplicates} duplicates)",
+                file.display()
+            )
+        }
+    }
+}
