@@ -4,10 +4,10 @@
 
 use anyhow::{Context, Result};
 
-use crate::cli::{Cli, Command};
+use crate::cli::{BenchCommand, Cli, Command};
 use crate::comm::{Comm, CommMode};
 use crate::config::{self, Layers, RunPlan};
-use crate::{device, doctor, exit, fsx, split, telemetry};
+use crate::{bench, device, doctor, exit, fsx, split, telemetry};
 
 /// Runs the command and returns the process exit code (see [`crate::exit`]).
 pub fn run(cli: Cli) -> i32 {
@@ -70,6 +70,17 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<()> {
                 let summary = split::run(&plan, &args.scenario, &out)?;
                 print!("{summary}");
                 save_run_files(&plan, &[])?;
+            }
+            comm.barrier();
+        }
+        Command::Bench(BenchCommand::Data(args)) => {
+            if comm.is_root() {
+                if let Some(n) = args.generate {
+                    bench::generate_image_folder(&args.root, n, 10)?;
+                }
+                for rate in bench::data_rates(&args.root, args.images, args.batch, &args.workers)? {
+                    println!("{}", serde_json::to_string(&rate)?);
+                }
             }
             comm.barrier();
         }

@@ -14,7 +14,7 @@ Exit codes:
   75  interrupted (SIGTERM/SIGUSR1), checkpoint written: run the same command again to resume
 
 Configuration layers, lowest first: built-in defaults < --config FILE <
-environment (SFRON_RUN_ROOT, SFRON_SEED, SFRON_DEVICE, SFRON_THREADS,
+environment (SFRON_RUN_ROOT, SFRON_SEED, SFRON_DEVICE, SFRON_THREADS, SFRON_DATA_ROOT,
 SFRON_LOG_LEVEL, SFRON_LOG_RANKS, SFRON_LOG_FORMAT) < --set key=value < the
 shorthand flags (--device, --threads, --log-ranks, --log-format).
 SFRON_COMM=auto|mpi|local chooses the communicator (auto: MPI under mpirun/srun).";
@@ -82,6 +82,36 @@ pub enum Command {
     /// Choose the forget set of the training data and write a split manifest
     /// (JSON) that every later command of the study reads.
     Split(SplitArgs),
+    /// Measure a part of sfron (rates, printed as JSON lines).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Images per second of the input pipeline on an ImageFolder, for the
+    /// ImageNet train and eval transforms.
+    Data(BenchDataArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDataArgs {
+    /// ImageFolder root (with train/<class>/*.jpg).
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// First generate this many ImageNet-like JPEGs under --root (kept for
+    /// later runs).
+    #[arg(long, value_name = "N")]
+    pub generate: Option<usize>,
+    /// Images to time per configuration.
+    #[arg(long, default_value_t = 2000)]
+    pub images: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Worker counts to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub workers: Vec<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,8 @@
 //! - [`comm`]: the only module that imports MPI; a one-rank world beside it.
 //! - [`device`]: CUDA/CPU choice and libtorch threads per rank.
 //! - [`telemetry`]: tracing setup, quiet by rank.
-//! - [`doctor`]: installation and collective checks.
+//! - [`doctor`]: installation and collective checks; [`split`]: `sfron split`;
+//!   [`bench`]: `sfron bench` measurements.
 //! - [`data`]: formats, split manifests, sharded sampler, transforms, loader.
 //! - [`rng`]: keyed random streams (every random choice is a function of its key).
 //! - [`fsx`]: atomic file writes.
@@ -17,6 +18,7 @@
 //! they hand results to the main thread, which does the collectives.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod comm;
 pub mod config;

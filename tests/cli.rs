@@ -162,3 +162,87 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("possible values: auto, cpu, cuda"));
 }
+
+#[test]
+fn split_writes_the_same_manifest_twice_and_refuses_bad_scenarios() {
+    let root = temp_dir("split");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
+    let run = |out: &str, scenario: &str| {
+        sfron(&[
+            "split",
+            "--scenario",
+            scenario,
+            "--out",
+            out,
+            "--set",
+            &format!("data.root={data}"),
+            "--set",
+            "run.seed=4",
+        ])
+    };
+    let (a, b) = (root.join("a.json"), root.join("b.json"));
+    for path in [&a, &b] {
+        let out = run(&path.display().to_string(), "random:0.25");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("forget      2000 samples"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let manifest = sfron::data::Manifest::load(&a).unwrap();
+    assert_eq!(manifest.forget.len(), 2000);
+
+    let out = run(&root.join("c.json").display().to_string(), "class:11");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("class:11") && text(&out.stderr).contains("0..9"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!root.join("c.json").exists(), "a refused split left a file");
+
+    let out = sfron(&[
+        "split",
+        "--scenario",
+        "random:0.1",
+        "--set",
+        "data.root=/nonexistent/mnist",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/mnist"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bench_data_reports_rates_for_each_transform_and_worker_count() {
+    let root = temp_dir("bench");
+    let out = sfron(&[
+        "bench",
+        "data",
+        "--root",
+        &root.join("imgs").display().to_string(),
+        "--generate",
+        "24",
+        "--images",
+        "20",
+        "--batch",
+        "8",
+        "--workers",
+        "0,2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for line in &lines {
+        assert_eq!(line["images"], 20);
+        assert!(line["images_per_second"].as_f64().unwrap() > 0.0);
+    }
+}

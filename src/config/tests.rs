@@ -294,3 +294,46 @@ fn shipped_reference_config_equals_the_defaults() {
         "configs/reference.toml drifted from raw.rs"
     );
 }
+
+#[test]
+fn data_keys_are_validated_with_their_origin() {
+    let msg = error_of(&Layers {
+        sets: sets(&["data.format=imagenet"]),
+        ..Layers::default()
+    });
+    assert!(
+        msg.contains("`data.format`") && msg.contains("mnist, cifar10, cifar100, imagefolder, tar"),
+        "{msg}"
+    );
+    let topo = Topology::single();
+    let loaded = load(&Layers {
+        sets: sets(&["data.prefetch=0"]),
+        ..Layers::default()
+    })
+    .unwrap();
+    let msg = RunPlan::new(loaded, &topo, 2).unwrap_err().to_string();
+    assert!(
+        msg.contains("`data.prefetch`") && msg.contains("at least 1"),
+        "{msg}"
+    );
+    let loaded = load(&Layers {
+        sets: sets(&["data.transform=imagenet"]),
+        ..Layers::default()
+    })
+    .unwrap();
+    let msg = RunPlan::new(loaded, &topo, 2).unwrap_err().to_string();
+    assert!(
+        msg.contains("`data.transform`") && msg.contains("mnist"),
+        "{msg}"
+    );
+    let loaded = load(&Layers {
+        env: env(&[("SFRON_DATA_ROOT", "/data/imagenet")]),
+        sets: sets(&["data.format=imagefolder", "data.on_corrupt=skip"]),
+        ..Layers::default()
+    })
+    .unwrap();
+    let plan = RunPlan::new(loaded, &topo, 2).unwrap();
+    assert_eq!(plan.data.root, PathBuf::from("/data/imagenet"));
+    assert_eq!(plan.data.train_transform.shape, [3, 224, 224]);
+    assert_eq!(plan.data.on_corrupt, crate::data::CorruptPolicy::Skip);
+}

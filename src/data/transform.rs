@@ -157,6 +157,13 @@ impl Transform {
         Ok(())
     }
 
+    /// The normalised value of each byte in channel `ch`: ToTensor's x/255,
+    /// then Normalize's (x − mean)/std, computed once per batch sample.
+    fn lut(&self, ch: usize) -> [f32; 256] {
+        let (mean, inv_std) = (self.mean[ch], 1.0 / self.std[ch]);
+        std::array::from_fn(|v| (v as f32 / 255.0 - mean) * inv_std)
+    }
+
     /// Normalises the `h×w` window at (top, left) of an HWC image of row
     /// width `src_w` into CHW, optionally mirrored.
     fn normalize(
@@ -170,13 +177,13 @@ impl Transform {
     ) {
         let [c, h, w] = self.shape;
         for ch in 0..c {
-            let (mean, inv_std) = (self.mean[ch], 1.0 / self.std[ch]);
+            let lut = self.lut(ch);
             let plane = &mut out[ch * h * w..(ch + 1) * h * w];
             for y in 0..h {
                 let row = ((top + y) * src_w + left) * c;
                 for x in 0..w {
                     let sx = if flip { w - 1 - x } else { x };
-                    plane[y * w + x] = (src[row + sx * c + ch] as f32 / 255.0 - mean) * inv_std;
+                    plane[y * w + x] = lut[src[row + sx * c + ch] as usize];
                 }
             }
         }
@@ -186,7 +193,7 @@ impl Transform {
     fn pad_crop(&self, img: &Image, top: isize, left: isize, flip: bool, out: &mut [f32]) {
         let [c, h, w] = self.shape;
         for ch in 0..c {
-            let (mean, inv_std) = (self.mean[ch], 1.0 / self.std[ch]);
+            let lut = self.lut(ch);
             for y in 0..h {
                 for x in 0..w {
                     let sx = if flip { w - 1 - x } else { x };
@@ -200,7 +207,7 @@ impl Transform {
                     } else {
                         0
                     };
-                    out[ch * h * w + y * w + x] = (byte as f32 / 255.0 - mean) * inv_std;
+                    out[ch * h * w + y * w + x] = lut[byte as usize];
                 }
             }
         }
