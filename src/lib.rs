@@ -11,6 +11,7 @@
 //!   [`bench`]: `sfron bench` measurements.
 //! - [`data`]: formats, split manifests, sharded sampler, transforms, loader.
 //! - [`rng`]: keyed random streams (every random choice is a function of its key).
+//! - [`model`]: the zoo with PyTorch names; safetensors weights in and out.
 //! - [`fsx`]: atomic file writes.
 //!
 //! Threading rule: MPI is initialised once, in [`app::run`], and only the main
@@ -27,6 +28,7 @@ pub mod device;
 pub mod doctor;
 pub mod exit;
 pub mod fsx;
+pub mod model;
 pub mod rng;
 pub mod split;
 pub mod telemetry;

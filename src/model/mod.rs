@@ -1,0 +1,97 @@
+//! Models: the zoo ([`zoo`]) and weights in and out ([`weights`]).
+//!
+//! A [`Model`] owns a libtorch `VarStore` whose variable names are PyTorch's
+//! `state_dict` keys (BatchNorm running statistics included), so a model's
+//! state is exactly what `torch.save(model.state_dict())` would hold, minus
+//! `num_batches_tracked`. Single-process code: reductions happen elsewhere.
+
+pub mod weights;
+pub mod zoo;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::nn::{self, ModuleT};
+use tch::{Device, Tensor};
+
+pub use weights::WeightsError;
+pub use zoo::Arch;
+
+pub struct Model {
+    pub arch: Arch,
+    pub vs: nn::VarStore,
+    net: Box<dyn ModuleT>,
+    pub in_channels: i64,
+    pub classes: i64,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Model({}, {} classes)", self.arch.name(), self.classes)
+    }
+}
+
+impl Model {
+    /// A freshly initialised model (initialisation drawn from libtorch's
+    /// generator: seed it with `tch::manual_seed` first for a reproducible one).
+    pub fn new(arch: Arch, in_channels: i64, classes: i64, device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let net = arch.build(&vs.root(), in_channels, classes);
+        Model {
+            arch,
+            vs,
+            net,
+            in_channels,
+            classes,
+        }
+    }
+
+    /// Logits `[N, classes]` of `xs` `[N, C, H, W]`; `train` selects BatchNorm's mode.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.net.forward_t(xs, train)
+    }
+
+    /// The model's state as `(name, tensor)`, sorted by name (shallow: the
+    /// tensors are the live variables).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// The trainable parameters, sorted by name.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.state()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
+    }
+
+    /// Loads weights saved by sfron or exported from PyTorch. A file that
+    /// names another architecture in its metadata is refused.
+    pub fn load(&mut self, path: &Path) -> Result<(), WeightsError> {
+        let (tensors, metadata) = weights::load(path)?;
+        if let Some(saved) = metadata.get("sfron.arch")
+            && *saved != self.arch.name()
+        {
+            return Err(WeightsError::Mismatch {
+                path: path.into(),
+                reason: format!(
+                    "it holds a {saved} model, this run builds {}",
+                    self.arch.name()
+                ),
+            });
+        }
+        weights::copy_into(&self.vs, &tensors, path)
+    }
+
+    /// Saves the state (PyTorch loads it with `safetensors.torch.load_file`).
+    pub fn save(
+        &self,
+        path: &Path,
+        mut metadata: BTreeMap<String, String>,
+    ) -> Result<(), WeightsError> {
+        metadata.insert("sfron.arch".into(), self.arch.name());
+        weights::save(path, &self.state(), &metadata)
+    }
+}

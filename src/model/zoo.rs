@@ -1,0 +1,300 @@
+//! The model zoo, with parameter names identical to PyTorch's so that
+//! `state_dict`s move between sfron and PyTorch without renaming.
+//!
+//! - `mnist_cnn`: the PyTorch MNIST example's net without dropout
+//!   (conv1 1→32 3×3, conv2 32→64 3×3, max-pool 2, fc1 9216→128, fc2 128→10),
+//!   optionally with BatchNorm after each conv (`bn1`, `bn2`).
+//! - `resnet18_cifar`: the SFR-on authors' CIFAR ResNet-18: a 3×3 stride-1
+//!   first conv, no max-pool, BasicBlocks [2, 2, 2, 2], base width
+//!   `round(64 · width)`.
+//! - `resnet18`, `resnet50`: torchvision's (7×7 stride-2 conv, max-pool,
+//!   BasicBlocks [2, 2, 2, 2] / Bottlenecks [3, 4, 6, 3], `downsample.0/1`).
+
+use tch::Tensor;
+use tch::nn::{self, ModuleT};
+
+/// Architectures of the zoo.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arch {
+    MnistCnn { batch_norm: bool },
+    Resnet18Cifar { width: f64 },
+    Resnet18,
+    Resnet50,
+}
+
+impl Arch {
+    /// Parses `mnist_cnn`, `mnist_cnn_bn`, `resnet18_cifar`, `resnet18`, `resnet50`.
+    pub fn parse(name: &str, width: f64) -> Option<Self> {
+        match name {
+            "mnist_cnn" => Some(Arch::MnistCnn { batch_norm: false }),
+            "mnist_cnn_bn" => Some(Arch::MnistCnn { batch_norm: true }),
+            "resnet18_cifar" => Some(Arch::Resnet18Cifar { width }),
+            "resnet18" => Some(Arch::Resnet18),
+            "resnet50" => Some(Arch::Resnet50),
+            _ => None,
+        }
+    }
+
+    pub const NAMES: &'static [&'static str] = &[
+        "mnist_cnn",
+        "mnist_cnn_bn",
+        "resnet18_cifar",
+        "resnet18",
+        "resnet50",
+    ];
+
+    pub fn name(&self) -> String {
+        match self {
+            Arch::MnistCnn { batch_norm: false } => "mnist_cnn".into(),
+            Arch::MnistCnn { batch_norm: true } => "mnist_cnn_bn".into(),
+            Arch::Resnet18Cifar { width } => format!("resnet18_cifar(width={width})"),
+            Arch::Resnet18 => "resnet18".into(),
+            Arch::Resnet50 => "resnet50".into(),
+        }
+    }
+
+    /// Builds the network's variables under `root` and returns its forward pass.
+    pub fn build(&self, root: &nn::Path, in_channels: i64, classes: i64) -> Box<dyn ModuleT> {
+        match *self {
+            Arch::MnistCnn { batch_norm } => {
+                Box::new(MnistCnn::new(root, in_channels, classes, batch_norm))
+            }
+            Arch::Resnet18Cifar { width } => {
+                let base = (64.0 * width).round().max(1.0) as i64;
+                Box::new(ResNet::new(
+                    root,
+                    in_channels,
+                    classes,
+                    base,
+                    Block::Basic,
+                    [2, 2, 2, 2],
+                    Stem::Cifar,
+                ))
+            }
+            Arch::Resnet18 => Box::new(ResNet::new(
+                root,
+                in_channels,
+                classes,
+                64,
+                Block::Basic,
+                [2, 2, 2, 2],
+                Stem::ImageNet,
+            )),
+            Arch::Resnet50 => Box::new(ResNet::new(
+                root,
+                in_channels,
+                classes,
+                64,
+                Block::Bottleneck,
+                [3, 4, 6, 3],
+                Stem::ImageNet,
+            )),
+        }
+    }
+}
+
+fn conv(
+    p: nn::Path,
+    cin: i64,
+    cout: i64,
+    k: i64,
+    stride: i64,
+    padding: i64,
+    bias: bool,
+) -> nn::Conv2D {
+    let config = nn::ConvConfig {
+        stride,
+        padding,
+        bias,
+        ..Default::default()
+    };
+    nn::conv2d(p, cin, cout, k, config)
+}
+
+fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
+    nn::batch_norm2d(p, c, Default::default())
+}
+
+#[derive(Debug)]
+struct MnistCnn {
+    conv1: nn::Conv2D,
+    bn1: Option<nn::BatchNorm>,
+    conv2: nn::Conv2D,
+    bn2: Option<nn::BatchNorm>,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+}
+
+impl MnistCnn {
+    fn new(p: &nn::Path, cin: i64, classes: i64, batch_norm: bool) -> Self {
+        MnistCnn {
+            conv1: conv(p / "conv1", cin, 32, 3, 1, 0, true),
+            bn1: batch_norm.then(|| bn(p / "bn1", 32)),
+            conv2: conv(p / "conv2", 32, 64, 3, 1, 0, true),
+            bn2: batch_norm.then(|| bn(p / "bn2", 64)),
+            fc1: nn::linear(p / "fc1", 9216, 128, Default::default()),
+            fc2: nn::linear(p / "fc2", 128, classes, Default::default()),
+        }
+    }
+}
+
+fn maybe_bn(x: Tensor, bn: &Option<nn::BatchNorm>, train: bool) -> Tensor {
+    match bn {
+        Some(bn) => x.apply_t(bn, train),
+        None => x,
+    }
+}
+
+impl ModuleT for MnistCnn {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        // xs: [N, 1, 28, 28]
+        let x = maybe_bn(xs.apply(&self.conv1), &self.bn1, train).relu(); // [N, 32, 26, 26]
+        let x = maybe_bn(x.apply(&self.conv2), &self.bn2, train).relu(); // [N, 64, 24, 24]
+        let x = x.max_pool2d_default(2).flatten(1, -1); // [N, 9216]
+        x.apply(&self.fc1).relu().apply(&self.fc2) // [N, classes]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Block {
+    Basic,
+    Bottleneck,
+}
+
+impl Block {
+    fn expansion(self) -> i64 {
+        match self {
+            Block::Basic => 1,
+            Block::Bottleneck => 4,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stem {
+    /// 3×3 stride-1 conv, no max-pool (32×32 inputs).
+    Cifar,
+    /// 7×7 stride-2 conv, 3×3 stride-2 max-pool (224×224 inputs).
+    ImageNet,
+}
+
+#[derive(Debug)]
+struct Residual {
+    convs: Vec<(nn::Conv2D, nn::BatchNorm)>,
+    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+}
+
+impl Residual {
+    fn new(p: &nn::Path, block: Block, cin: i64, width: i64, stride: i64) -> Self {
+        let cout = width * block.expansion();
+        let convs = match block {
+            Block::Basic => vec![
+                (
+                    conv(p / "conv1", cin, width, 3, stride, 1, false),
+                    bn(p / "bn1", width),
+                ),
+                (
+                    conv(p / "conv2", width, width, 3, 1, 1, false),
+                    bn(p / "bn2", width),
+                ),
+            ],
+            // torchvision (v1.5): the stride sits on the 3×3 conv.
+            Block::Bottleneck => vec![
+                (
+                    conv(p / "conv1", cin, width, 1, 1, 0, false),
+                    bn(p / "bn1", width),
+                ),
+                (
+                    conv(p / "conv2", width, width, 3, stride, 1, false),
+                    bn(p / "bn2", width),
+                ),
+                (
+                    conv(p / "conv3", width, cout, 1, 1, 0, false),
+                    bn(p / "bn3", cout),
+                ),
+            ],
+        };
+        let downsample = (stride != 1 || cin != cout).then(|| {
+            (
+                conv(p / "downsample" / 0, cin, cout, 1, stride, 0, false),
+                bn(p / "downsample" / 1, cout),
+            )
+        });
+        Residual { convs, downsample }
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let last = self.convs.len() - 1;
+        let mut x = xs.shallow_clone();
+        for (i, (c, b)) in self.convs.iter().enumerate() {
+            x = x.apply(c).apply_t(b, train);
+            if i < last {
+                x = x.relu();
+            }
+        }
+        let shortcut = match &self.downsample {
+            Some((c, b)) => xs.apply(c).apply_t(b, train),
+            None => xs.shallow_clone(),
+        };
+        (x + shortcut).relu()
+    }
+}
+
+#[derive(Debug)]
+struct ResNet {
+    stem: Stem,
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    layers: Vec<Residual>,
+    fc: nn::Linear,
+}
+
+impl ResNet {
+    fn new(
+        p: &nn::Path,
+        cin: i64,
+        classes: i64,
+        base: i64,
+        block: Block,
+        depths: [usize; 4],
+        stem: Stem,
+    ) -> Self {
+        let conv1 = match stem {
+            Stem::Cifar => conv(p / "conv1", cin, base, 3, 1, 1, false),
+            Stem::ImageNet => conv(p / "conv1", cin, base, 7, 2, 3, false),
+        };
+        let mut layers = Vec::new();
+        let mut channels = base;
+        for (stage, &depth) in depths.iter().enumerate() {
+            let width = base << stage;
+            for i in 0..depth {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                let path = p / format!("layer{}", stage + 1) / i;
+                layers.push(Residual::new(&path, block, channels, width, stride));
+                channels = width * block.expansion();
+            }
+        }
+        ResNet {
+            stem,
+            conv1,
+            bn1: bn(p / "bn1", base),
+            layers,
+            fc: nn::linear(p / "fc", channels, classes, Default::default()),
+        }
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        // xs: [N, C, H, W] → stem: [N, base, H, W] (cifar) or [N, base, H/4, W/4] (imagenet)
+        let mut x = xs.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        if self.stem == Stem::ImageNet {
+            x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        }
+        for block in &self.layers {
+            x = block.forward_t(&x, train); // spatial /2 at each stage after the first
+        }
+        // global average pool → [N, channels] → [N, classes]
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.fc)
+    }
+}

@@ -1,0 +1,191 @@
+//! Models against real PyTorch (the venv's torch + torchvision, via
+//! `SFRON_TORCH_PYTHON`, which launch/setup records): PyTorch weights load in
+//! sfron and give the same eval logits, and sfron's weights load in PyTorch and
+//! give sfron's logits. Also the refusals: truncated file, flipped byte,
+//! another architecture, missing and unexpected names.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sfron::model::{Arch, Model, weights};
+use tch::{Device, Kind, Tensor};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/models.py");
+const ARCHS: [&str; 5] = [
+    "resnet18_cifar",
+    "resnet18",
+    "resnet50",
+    "mnist_cnn",
+    "mnist_cnn_bn",
+];
+
+fn python() -> String {
+    std::env::var("SFRON_TORCH_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .expect("SFRON_TORCH_PYTHON is not set: run the tests through launch/test (it sources target/sfron-env.sh)")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sfron-interop-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run_script(mode: &str, dir: &Path) -> String {
+    let out = Command::new(python())
+        .arg(SCRIPT)
+        .arg(mode)
+        .arg(dir)
+        .output()
+        .expect("run python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "models.py {mode} failed:\n{text}");
+    text
+}
+
+fn model(name: &str) -> Model {
+    let arch = Arch::parse(name, 1.0).unwrap();
+    let channels = if name.starts_with("mnist") { 1 } else { 3 };
+    Model::new(arch, channels, 10, Device::Cpu)
+}
+
+fn io(dir: &Path, file: &str) -> (Tensor, Tensor) {
+    let (mut tensors, _) = weights::load(&dir.join(file)).unwrap();
+    let y = tensors.pop().unwrap();
+    let x = tensors.pop().unwrap();
+    assert_eq!((x.0.as_str(), y.0.as_str()), ("x", "y"));
+    (x.1, y.1)
+}
+
+#[test]
+fn weights_move_between_pytorch_and_sfron_with_the_same_logits() {
+    let dir = temp_dir("roundtrip");
+    run_script("make", &dir);
+    for name in ARCHS {
+        // PyTorch → sfron.
+        let mut m = model(name);
+        m.load(&dir.join(format!("{name}.safetensors"))).unwrap();
+        let (x, y) = io(&dir, &format!("{name}.io.safetensors"));
+        let ours = tch::no_grad(|| m.forward_t(&x, false));
+        let diff = (&ours - &y).abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-4,
+            "{name}: PyTorch weights in sfron, max |logit difference| {diff:e}"
+        );
+
+        // sfron → PyTorch: a different, sfron-made state (random BN statistics too).
+        tch::manual_seed(7);
+        let fresh = model(name);
+        tch::no_grad(|| {
+            for (n, mut t) in fresh.state() {
+                if n.ends_with("running_var") {
+                    t.copy_(&(Tensor::rand_like(&t) + 0.5));
+                } else if n.ends_with("running_mean") {
+                    t.copy_(&(Tensor::randn_like(&t) * 0.1));
+                }
+            }
+        });
+        fresh
+            .save(
+                &dir.join(format!("{name}.sfron.safetensors")),
+                BTreeMap::new(),
+            )
+            .unwrap();
+        let y = tch::no_grad(|| fresh.forward_t(&x, false));
+        weights::save(
+            &dir.join(format!("{name}.sfron_io.safetensors")),
+            &[("x".into(), x), ("y".into(), y)],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+    }
+    let report = run_script("check", &dir);
+    println!("{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn damaged_or_foreign_weights_are_refused_by_name() {
+    let dir = temp_dir("refuse");
+    tch::manual_seed(1);
+    let m = model("mnist_cnn");
+    let path = dir.join("w.safetensors");
+    m.save(&path, BTreeMap::new()).unwrap();
+
+    // Round trip is exact.
+    let mut back = model("mnist_cnn");
+    back.load(&path).unwrap();
+    for ((n, a), (_, b)) in m.state().iter().zip(back.state()) {
+        assert!(a.equal(&b), "{n} changed in a round trip");
+    }
+
+    let bytes = std::fs::read(&path).unwrap();
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = back.load(&truncated).unwrap_err().to_string();
+    assert!(
+        err.contains("truncated.safetensors") && err.contains("not a complete safetensors"),
+        "{err}"
+    );
+
+    let flipped = dir.join("flipped.safetensors");
+    let mut f = bytes.clone();
+    let at = f.len() - 12345;
+    f[at] ^= 0x10;
+    std::fs::write(&flipped, f).unwrap();
+    let err = back.load(&flipped).unwrap_err().to_string();
+    assert!(
+        err.contains("flipped.safetensors") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+
+    let err = model("mnist_cnn_bn").load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("mnist_cnn model") && err.contains("mnist_cnn_bn"),
+        "{err}"
+    );
+
+    // A foreign file without sfron metadata: every problem listed at once.
+    let foreign = dir.join("foreign.safetensors");
+    let mut state: Vec<(String, Tensor)> = m
+        .state()
+        .into_iter()
+        .filter(|(n, _)| n != "fc2.bias")
+        .collect();
+    state.push((
+        "fc3.weight".into(),
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+    ));
+    state.retain(|(n, _)| n != "conv1.weight");
+    state.push((
+        "conv1.weight".into(),
+        Tensor::zeros([32, 1, 5, 5], (Kind::Float, Device::Cpu)),
+    ));
+    let plain: Vec<(&str, Tensor)> = state
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.shallow_clone()))
+        .collect();
+    Tensor::write_safetensors(&plain, &foreign).unwrap();
+    let before = back.state()[0].1.copy();
+    let err = back.load(&foreign).unwrap_err().to_string();
+    assert!(
+        err.contains("missing fc2.bias") && err.contains("unexpected fc3.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("conv1.weight: file [32, 1, 5, 5], model [32, 1, 3, 3]"),
+        "{err}"
+    );
+    assert!(
+        back.state()[0].1.equal(&before),
+        "a refused load changed the weights"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
