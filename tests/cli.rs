@@ -1,22 +1,15 @@
 //! End-to-end tests of the `sfron` binary in one process (no mpirun).
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 mod support;
+use support::temp_dir;
 
 fn sfron(args: &[&str]) -> Output {
     support::sfron_alone()
         .args(args)
         .output()
         .expect("run sfron")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sfron-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -2,7 +2,7 @@
 //! loader's determinism, and the transforms against torchvision (golden).
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use sfron::data::transform::{random_resized_crop_box, shorter_side_to};
@@ -13,15 +13,11 @@ use sfron::data::{
 use sfron::rng::Rng;
 use tch::Tensor;
 
+mod support;
+use support::temp_dir;
+
 const MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sfron-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn gunzip(path: &Path) -> Vec<u8> {
     let mut out = Vec::new();

@@ -5,11 +5,14 @@
 //! another architecture, missing and unexpected names.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use sfron::model::{Arch, Model, weights};
 use tch::{Device, Kind, Tensor};
+
+mod support;
+use support::temp_dir;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/models.py");
 const ARCHS: [&str; 5] = [
@@ -25,13 +28,6 @@ fn python() -> String {
         .ok()
         .filter(|p| !p.is_empty())
         .expect("SFRON_TORCH_PYTHON is not set: run the tests through launch/test (it sources target/sfron-env.sh)")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sfron-interop-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn run_script(mode: &str, dir: &Path) -> String {

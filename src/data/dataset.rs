@@ -43,17 +43,6 @@ impl Format {
     pub const NAMES: &'static [&'static str] =
         &["mnist", "cifar10", "cifar100", "imagefolder", "tar"];
 
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "mnist" => Some(Format::Mnist),
-            "cifar10" => Some(Format::Cifar10),
-            "cifar100" => Some(Format::Cifar100),
-            "imagefolder" => Some(Format::ImageFolder),
-            "tar" => Some(Format::Tar),
-            _ => None,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         Format::NAMES[self as usize]
     }
