@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use crate::cli::{BenchCommand, Cli, Command};
 use crate::comm::{Comm, CommMode};
 use crate::config::{self, Layers, RunPlan};
+use crate::train::{self, Status};
 use crate::{bench, device, doctor, exit, fsx, split, telemetry};
 
 /// Runs the command and returns the process exit code (see [`crate::exit`]).
@@ -19,7 +20,8 @@ pub fn run(cli: Cli) -> i32 {
         }
     };
     match run_in_world(&comm, &cli) {
-        Ok(()) => exit::OK,
+        Ok(Status::Done) => exit::OK,
+        Ok(Status::Preempted) => exit::RESUMABLE,
         Err(e) => {
             eprintln!("sfron: error (rank {}): {e:#}", comm.rank());
             if comm.size() > 1 {
@@ -32,11 +34,17 @@ pub fn run(cli: Cli) -> i32 {
     // `comm` drops here: MPI is finalised after every rank returned.
 }
 
-fn run_in_world(comm: &Comm, cli: &Cli) -> Result<()> {
+fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
     let layers = Layers {
         file: cli.global.config.clone(),
         env: Layers::env_from_process(),
-        sets: cli.global.all_sets(),
+        sets: {
+            let mut sets = cli.global.all_sets();
+            if let Command::Train(args) = &cli.command {
+                sets.extend(args.sets());
+            }
+            sets
+        },
     };
     let loaded = config::load(&layers)?;
     let cores = std::thread::available_parallelism()
@@ -47,13 +55,16 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<()> {
         if comm.is_root() {
             print!("{}", plan.describe());
         }
-        return Ok(());
+        return Ok(Status::Done);
     }
     let span = telemetry::init(&plan.log, comm.rank());
     let _entered = span.enter();
     let device = device::select(&plan)?;
     tracing::info!(ranks = comm.size(), backend = comm.backend(), device = %device::describe(device), "started");
     match &cli.command {
+        Command::Train(args) => {
+            return train::run(comm, &plan, device, train::Faults::from_args(args));
+        }
         Command::Doctor(args) => {
             let report = doctor::run(comm, &plan, device, args)?;
             if comm.is_root() {
@@ -85,15 +96,21 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<()> {
             comm.barrier();
         }
     }
-    Ok(())
+    Ok(Status::Done)
+}
+
+/// Saves the resolved configuration as `config.toml` in the run folder
+/// (rank 0's job; it loads back with `--config`).
+pub fn save_config(plan: &RunPlan) -> Result<()> {
+    let resolved = plan.config.resolved_toml();
+    let config_path = plan.run_dir.join("config.toml");
+    fsx::write_atomic(&config_path, resolved.as_bytes())
+        .with_context(|| format!("writing {}", config_path.display()))
 }
 
 /// Rank 0 saves the resolved configuration, and `files`, in the run folder.
 fn save_run_files(plan: &RunPlan, files: &[(&str, &[u8])]) -> Result<()> {
-    let resolved = plan.config.resolved_toml();
-    let config_path = plan.run_dir.join("config.toml");
-    fsx::write_atomic(&config_path, resolved.as_bytes())
-        .with_context(|| format!("writing {}", config_path.display()))?;
+    save_config(plan)?;
     for (name, bytes) in files {
         let path = plan.run_dir.join(name);
         fsx::write_atomic(&path, bytes).with_context(|| format!("writing {}", path.display()))?;

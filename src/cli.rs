@@ -82,6 +82,10 @@ pub enum Command {
     /// Choose the forget set of the training data and write a split manifest
     /// (JSON) that every later command of the study reads.
     Split(SplitArgs),
+    /// Train a model: the original on the whole training set, or Retrain
+    /// (`--on remain --split MANIFEST`). Resumes from the run folder's newest
+    /// checkpoint; exits 75 after a checkpoint when SIGTERM/SIGUSR1 arrives.
+    Train(TrainArgs),
     /// Measure a part of sfron (rates, printed as JSON lines).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -112,6 +116,49 @@ pub struct BenchDataArgs {
     /// Worker counts to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub workers: Vec<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Shorthand for `--set train.on=...`: `all` (the original model) or
+    /// `remain` (Retrain on the split's remain set).
+    #[arg(long, value_parser = PossibleValuesParser::new(crate::config::raw::TrainOn::NAMES))]
+    pub on: Option<String>,
+    /// Shorthand for `--set data.split=FILE` (a manifest from `sfron split`).
+    #[arg(long, value_name = "MANIFEST")]
+    pub split: Option<PathBuf>,
+    /// Shorthand for `--set model.init=FILE`: start from these weights.
+    #[arg(long, value_name = "WEIGHTS")]
+    pub init: Option<PathBuf>,
+    /// Test-only: a NaN in rank `--fault-rank`'s gradient at this step.
+    #[arg(long, hide = true)]
+    pub fault_nan_at: Option<u64>,
+    /// Test-only: rank `--fault-rank` sends itself SIGTERM at this step.
+    #[arg(long, hide = true)]
+    pub fault_signal_at: Option<u64>,
+    /// Test-only: rank `--fault-rank` perturbs its weights after this step.
+    #[arg(long, hide = true)]
+    pub fault_perturb_at: Option<u64>,
+    /// Test-only: the rank the faults hit.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub fault_rank: usize,
+}
+
+impl TrainArgs {
+    /// The `--set`s these flags stand for.
+    pub fn sets(&self) -> Vec<String> {
+        let mut sets = Vec::new();
+        if let Some(on) = &self.on {
+            sets.push(format!("train.on={on}"));
+        }
+        if let Some(split) = &self.split {
+            sets.push(format!("data.split={}", split.display()));
+        }
+        if let Some(init) = &self.init {
+            sets.push(format!("model.init={}", init.display()));
+        }
+        sets
+    }
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,8 @@ pub mod tag {
     pub const AUGMENT: u64 = 0x4155_4745_4e54;
     /// Random forget sets: `[seed, SPLIT]`.
     pub const SPLIT: u64 = 0x0053_504c_4954;
+    /// The validation samples held out of training: `[seed, VALIDATION]`.
+    pub const VALIDATION: u64 = 0x0056_414c_4944;
 }
 
 /// SplitMix64.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use config::{Map, Source, Value, ValueKind};
 
-pub use plan::{DataPlan, RunPlan};
+pub use plan::{DataPlan, ModelPlan, OptimizerPlan, RunPlan, Schedule, TrainPlan};
 pub use raw::RawConfig;
 
 /// The only environment variables that set configuration keys.

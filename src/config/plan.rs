@@ -3,10 +3,14 @@
 
 use std::path::PathBuf;
 
-use super::raw::{DataFormat, DeviceKind, LogSection, OnCorrupt, TransformName};
+use super::raw::{
+    CheckpointSection, DataFormat, DeviceKind, LogSection, NonFinite, OnCorrupt, OptimizerName,
+    ScheduleName, TrainOn, TransformName,
+};
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
 use crate::data::{CorruptPolicy, Format, Transform};
+use crate::model::Arch;
 
 /// Libtorch intra-op threads above this are a typo, not a machine.
 const MAX_THREADS: u32 = 1024;
@@ -37,6 +41,9 @@ pub struct RunPlan {
     pub threads: usize,
     pub log: LogSection,
     pub data: DataPlan,
+    pub model: ModelPlan,
+    pub train: TrainPlan,
+    pub checkpoint: CheckpointSection,
     pub topology: Topology,
     /// The merged configuration this plan came from (for printing and saving).
     pub config: LoadedConfig,
@@ -80,8 +87,19 @@ impl RunPlan {
             n => n as usize,
         };
         let data = data_plan(&config)?;
+        let model = model_plan(&config)?;
+        let train = train_plan(&config, &data)?;
+        if raw.checkpoint.keep_last == 0 {
+            return Err(config.key_error(
+                "checkpoint.keep_last",
+                "must be at least 1 (the newest checkpoint is what a resume reads)",
+            ));
+        }
         Ok(RunPlan {
             data,
+            model,
+            train,
+            checkpoint: raw.checkpoint.clone(),
             run_dir: PathBuf::from(&raw.run.root).join(name),
             seed: raw.run.seed,
             device: raw.device.kind,
@@ -106,6 +124,174 @@ impl RunPlan {
             self.threads
         )
     }
+}
+
+/// The network and where its first weights come from.
+#[derive(Clone, Debug)]
+pub struct ModelPlan {
+    pub arch: Arch,
+    pub init: Option<PathBuf>,
+}
+
+/// The learning-rate rule.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Schedule {
+    Constant,
+    Cosine,
+    /// Multiply by `gamma` at each of these epochs.
+    Step {
+        milestones: Vec<u32>,
+        gamma: f64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum OptimizerPlan {
+    Sgd {
+        momentum: f64,
+        nesterov: bool,
+        weight_decay: f64,
+    },
+    AdamW {
+        betas: [f64; 2],
+        eps: f64,
+        weight_decay: f64,
+    },
+}
+
+/// A training recipe (the original model or Retrain), validated.
+#[derive(Clone, Debug)]
+pub struct TrainPlan {
+    pub on_remain: bool,
+    pub epochs: u32,
+    pub batch: usize,
+    pub drop_last: bool,
+    pub optimizer: OptimizerPlan,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    pub max_steps: Option<u64>,
+    pub val_fraction: f64,
+    pub eval_every: u32,
+    pub log_every: u64,
+    /// `None`: stop at the first non-finite step; `Some(n)`: skip, stop after n in a row.
+    pub max_skips: Option<u32>,
+    pub verify_every: u64,
+}
+
+fn model_plan(config: &LoadedConfig) -> Result<ModelPlan, ConfigError> {
+    let m = &config.raw.model;
+    if !(m.width.is_finite() && m.width > 0.0 && m.width <= 16.0) {
+        return Err(config.key_error(
+            "model.width",
+            format!(
+                "{} is not a width multiplier: use a number in (0, 16]",
+                m.width
+            ),
+        ));
+    }
+    let arch = Arch::parse(&m.arch, m.width).ok_or_else(|| {
+        config.key_error(
+            "model.arch",
+            format!(
+                "{:?} is not in the zoo: expected one of {}",
+                m.arch,
+                Arch::NAMES.join(", ")
+            ),
+        )
+    })?;
+    Ok(ModelPlan {
+        arch,
+        init: (!m.init.trim().is_empty()).then(|| PathBuf::from(&m.init)),
+    })
+}
+
+fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, ConfigError> {
+    let t = &config.raw.train;
+    let positive = |key: &str, v: f64| {
+        if v.is_finite() && v > 0.0 {
+            Ok(())
+        } else {
+            Err(config.key_error(key, format!("{v} must be a positive number")))
+        }
+    };
+    let unit = |key: &str, v: f64, what: &str| {
+        if v.is_finite() && (0.0..1.0).contains(&v) {
+            Ok(())
+        } else {
+            Err(config.key_error(key, format!("{v}: {what} must be in [0, 1)")))
+        }
+    };
+    positive("train.lr", t.lr)?;
+    unit("train.momentum", t.momentum, "momentum")?;
+    unit("train.val_fraction", t.val_fraction, "a fraction")?;
+    unit("train.betas", t.betas[0], "beta1")?;
+    unit("train.betas", t.betas[1], "beta2")?;
+    positive("train.eps", t.eps)?;
+    positive("train.gamma", t.gamma)?;
+    if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+        return Err(config.key_error("train.weight_decay", "must be 0 or more"));
+    }
+    if t.epochs == 0 {
+        return Err(config.key_error("train.epochs", "must be at least 1"));
+    }
+    if t.batch == 0 {
+        return Err(config.key_error("train.batch", "must be at least 1 (the global batch)"));
+    }
+    if t.nesterov && (t.momentum == 0.0 || t.optimizer != OptimizerName::Sgd) {
+        return Err(config.key_error(
+            "train.nesterov",
+            "Nesterov needs optimizer = \"sgd\" and momentum > 0",
+        ));
+    }
+    if t.schedule == ScheduleName::Step && t.milestones.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(config.key_error("train.milestones", "epochs must be increasing"));
+    }
+    let on_remain = t.on == TrainOn::Remain;
+    if on_remain && data.split.is_none() {
+        return Err(config.key_error(
+            "train.on",
+            "\"remain\" (Retrain) needs a split: pass --split MANIFEST or set data.split",
+        ));
+    }
+    let optimizer = match t.optimizer {
+        OptimizerName::Sgd => OptimizerPlan::Sgd {
+            momentum: t.momentum,
+            nesterov: t.nesterov,
+            weight_decay: t.weight_decay,
+        },
+        OptimizerName::AdamW => OptimizerPlan::AdamW {
+            betas: t.betas,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+    };
+    Ok(TrainPlan {
+        on_remain,
+        epochs: t.epochs,
+        batch: t.batch as usize,
+        drop_last: t.drop_last,
+        optimizer,
+        lr: t.lr,
+        schedule: match t.schedule {
+            ScheduleName::Constant => Schedule::Constant,
+            ScheduleName::Cosine => Schedule::Cosine,
+            ScheduleName::Step => Schedule::Step {
+                milestones: t.milestones.clone(),
+                gamma: t.gamma,
+            },
+        },
+        warmup_steps: t.warmup_steps as u64,
+        max_steps: (t.max_steps > 0).then_some(t.max_steps),
+        val_fraction: t.val_fraction,
+        eval_every: t.eval_every,
+        log_every: t.log_every.max(1) as u64,
+        max_skips: match t.nonfinite {
+            NonFinite::Skip => Some(t.max_skips.max(1)),
+            NonFinite::Error => None,
+        },
+        verify_every: t.verify_every,
+    })
 }
 
 fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {

@@ -47,6 +47,9 @@ pub struct RawConfig {
     pub device: DeviceSection,
     pub log: LogSection,
     pub data: DataSection,
+    pub model: ModelSection,
+    pub train: TrainSection,
+    pub checkpoint: CheckpointSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -199,6 +202,160 @@ impl Default for DataSection {
             prefetch: 4,
             on_corrupt: OnCorrupt::Error,
             split: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// mnist_cnn | mnist_cnn_bn | resnet18_cifar | resnet18 | resnet50.
+    pub arch: String,
+    /// Width multiplier of `resnet18_cifar` (1.0 = 64 base channels).
+    pub width: f64,
+    /// Weights to start `train` from ("" = a fresh, seeded initialisation).
+    pub init: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            arch: "mnist_cnn".into(),
+            width: 1.0,
+            init: String::new(),
+        }
+    }
+}
+
+string_enum! {
+    /// Which training samples `train` learns from.
+    TrainOn {
+        /// The whole training set: the original model.
+        All => "all",
+        /// The remain set of `data.split`: Retrain.
+        Remain => "remain",
+    }
+}
+
+string_enum! {
+    OptimizerName {
+        /// SGD with momentum (PyTorch's rule, optional Nesterov).
+        Sgd => "sgd",
+        /// AdamW (PyTorch's rule, decoupled weight decay).
+        AdamW => "adamw",
+    }
+}
+
+string_enum! {
+    ScheduleName {
+        /// η(1 + cos(π t / T)) / 2 over the steps after warm-up.
+        Cosine => "cosine",
+        /// η · gamma^(milestones passed), milestones in epochs.
+        Step => "step",
+        Constant => "constant",
+    }
+}
+
+string_enum! {
+    /// What a step with a non-finite loss or gradient does.
+    NonFinite {
+        /// Skip the step (weights and optimizer untouched); stop after `max_skips` in a row.
+        Skip => "skip",
+        /// Stop at once with an error.
+        Error => "error",
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub on: TrainOn,
+    pub epochs: u32,
+    /// Global batch (all ranks together).
+    pub batch: u32,
+    /// Keep the last, smaller batch of each epoch.
+    pub drop_last: bool,
+    pub optimizer: OptimizerName,
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// Adam's betas and epsilon (AdamW only).
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub schedule: ScheduleName,
+    /// Linear warm-up from lr/steps to lr over this many steps.
+    pub warmup_steps: u32,
+    /// `step` schedule: epochs at which the rate is multiplied by `gamma`.
+    pub milestones: Vec<u32>,
+    pub gamma: f64,
+    /// Stop after this many steps in all (0 = every epoch); the schedule still spans `epochs`.
+    pub max_steps: u64,
+    /// Fraction of the training samples held out for model selection (0 = select the last epoch).
+    pub val_fraction: f64,
+    /// Evaluate on the test (and validation) set every this many epochs (0 = only at the end).
+    pub eval_every: u32,
+    /// Log and record metrics every this many steps.
+    pub log_every: u32,
+    pub nonfinite: NonFinite,
+    /// Non-finite steps in a row after which `skip` stops with an error.
+    pub max_skips: u32,
+    /// Compare a digest of every rank's weights every this many steps (0 = at checkpoints only).
+    pub verify_every: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            on: TrainOn::All,
+            epochs: 3,
+            batch: 128,
+            drop_last: false,
+            optimizer: OptimizerName::Sgd,
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 5e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            schedule: ScheduleName::Cosine,
+            warmup_steps: 0,
+            milestones: Vec::new(),
+            gamma: 0.1,
+            max_steps: 0,
+            val_fraction: 0.0,
+            eval_every: 1,
+            log_every: 20,
+            nonfinite: NonFinite::Skip,
+            max_skips: 5,
+            verify_every: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Checkpoint every this many steps (0 = only at epoch ends and on preemption).
+    pub every_steps: u64,
+    /// Checkpoint at the end of every this many epochs (0 = never at epoch ends).
+    pub every_epochs: u32,
+    /// Complete checkpoints kept, newest first (at least 1).
+    pub keep_last: u32,
+    /// Steps whose checkpoints are kept forever.
+    pub milestones: Vec<u64>,
+    /// Resume from the newest complete checkpoint of the run folder.
+    pub resume: bool,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection {
+            every_steps: 0,
+            every_epochs: 1,
+            keep_last: 2,
+            milestones: Vec::new(),
+            resume: true,
         }
     }
 }

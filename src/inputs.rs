@@ -1,0 +1,90 @@
+//! What a training or unlearning run reads before it computes anything: the
+//! datasets, the split manifest and the loaders. Everything is checked here,
+//! before the run folder is touched, so bad input writes nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::config::RunPlan;
+use crate::data::{Dataset, Loader, LoaderOptions, Manifest, Part, Transform};
+
+pub struct Inputs {
+    pub train: Arc<Dataset>,
+    pub test: Arc<Dataset>,
+    /// The split and the file it came from.
+    pub split: Option<(Manifest, PathBuf)>,
+    pub in_channels: i64,
+    pub classes: i64,
+}
+
+impl Inputs {
+    pub fn open(plan: &RunPlan) -> Result<Self> {
+        let d = &plan.data;
+        let open = |part: Part| {
+            Dataset::open(d.format, &d.root, part).with_context(|| {
+                format!(
+                    "opening the {} {part:?} data at {} (data.root)",
+                    d.format.name(),
+                    d.root.display()
+                )
+            })
+        };
+        let train = open(Part::Train)?;
+        let test = open(Part::Test)?;
+        let split = match &d.split {
+            None => None,
+            Some(path) => {
+                let m = Manifest::load(path)?;
+                m.check(&train, path)?;
+                Some((m, path.clone()))
+            }
+        };
+        Ok(Inputs {
+            in_channels: d.train_transform.shape[0] as i64,
+            classes: train.num_classes() as i64,
+            train: Arc::new(train),
+            test: Arc::new(test),
+            split,
+        })
+    }
+
+    /// The split's hash, or "none".
+    pub fn split_hash(&self) -> String {
+        self.split
+            .as_ref()
+            .map_or_else(|| "none".into(), |(m, _)| m.hash())
+    }
+
+    /// The remain set (every training index without a split).
+    pub fn remain(&self) -> Vec<usize> {
+        match &self.split {
+            Some((m, _)) => m.remain(),
+            None => (0..self.train.len()).collect(),
+        }
+    }
+
+    /// The forget set (empty without a split).
+    pub fn forget(&self) -> Vec<usize> {
+        self.split
+            .as_ref()
+            .map_or_else(Vec::new, |(m, _)| m.forget.clone())
+    }
+
+    /// A loader over `dataset` with the plan's workers and policies.
+    pub fn loader(plan: &RunPlan, dataset: &Arc<Dataset>, transform: &Transform) -> Loader {
+        let d = &plan.data;
+        Loader::new(
+            dataset.clone(),
+            transform.clone(),
+            LoaderOptions {
+                workers: d.workers,
+                prefetch: d.prefetch,
+                on_corrupt: d.on_corrupt,
+                seed: plan.seed,
+                pin_memory: false,
+            },
+        )
+    }
+}

@@ -1,0 +1,579 @@
+//! `sfron train`: the original model on the whole training set, or Retrain on
+//! the remain set of a split; data-parallel, resumable, exact.
+//!
+//! Every rank runs the same loop; the sampler gives each its share of the
+//! global batch, the engine reduces and steps (see [`crate::engine`]), rank 0
+//! records metrics and writes checkpoints in the background. A stop request
+//! (SIGTERM/SIGUSR1) is agreed in the step's reduction, so every rank stops
+//! after the same step; rank 0 checkpoints and all exit with the resumable code.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::cli::TrainArgs;
+use crate::comm::Comm;
+use crate::config::RunPlan;
+use crate::data::{BatchStream, Cursor, Sampler, Stream};
+use crate::engine::checkpoint::{self, Checkpointer, Restored};
+use crate::engine::progress::Progress;
+use crate::engine::signals::StopFlag;
+use crate::engine::{Engine, Local, Optimizer, Scale, schedule};
+use crate::eval;
+use crate::fsx::sha256_hex;
+use crate::inputs::Inputs;
+use crate::model::{Model, weights};
+use crate::rng::{Rng, tag};
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Done,
+    /// Stopped by a signal after writing a checkpoint: run the same command again.
+    Preempted,
+}
+
+/// The metadata key of the run state in `state.safetensors`.
+pub const STATE_KEY: &str = "sfron.run";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const STATE_FILE: &str = "state.safetensors";
+
+/// The run state a checkpoint holds besides tensors. Randomness needs no
+/// saved generator state: every draw is keyed by (seed, stream, epoch, sample).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunState {
+    pub command: String,
+    /// Steps completed.
+    pub step: u64,
+    /// Sampler positions by stream name.
+    pub cursors: BTreeMap<String, Cursor>,
+    pub optimizer_steps: u64,
+    pub skips_total: u64,
+    pub skips_in_row: u32,
+    /// Hash of everything that determines the result.
+    pub recipe: String,
+    pub split: String,
+    /// Best validation accuracy and its step (model selection).
+    pub best: Option<(f64, u64)>,
+    pub world_size: usize,
+}
+
+/// Test-only faults, to prove the guards work.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Put a NaN into this rank's gradient at this step.
+    pub nan_at: Option<u64>,
+    /// Send SIGTERM to this rank before this step's reduction.
+    pub signal_at: Option<u64>,
+    /// Perturb this rank's weights after this step (the verify check must catch it).
+    pub perturb_at: Option<u64>,
+    pub rank: usize,
+}
+
+impl Faults {
+    pub fn from_args(args: &TrainArgs) -> Self {
+        Faults {
+            nan_at: args.fault_nan_at,
+            signal_at: args.fault_signal_at,
+            perturb_at: args.fault_perturb_at,
+            rank: args.fault_rank,
+        }
+    }
+}
+
+/// The hash of what determines a run's result: a resume under another recipe
+/// or split is refused. Keys that only change logging or the stopping step
+/// are left out.
+pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
+    let raw = &plan.config.raw;
+    let mut train = raw.train.clone();
+    train.max_steps = 0;
+    train.log_every = 0;
+    train.eval_every = 0;
+    train.verify_every = 0;
+    let init = plan
+        .model
+        .init
+        .as_ref()
+        .map(|p| std::fs::read(p).map(|b| sha256_hex(&b)).unwrap_or_default());
+    let recipe = json!({
+        "command": command,
+        "seed": plan.seed,
+        "model": { "arch": plan.model.arch.name(), "init": init },
+        "train": train,
+        "data": {
+            "format": plan.data.format.name(),
+            "transform": format!("{:?}", plan.data.train_transform),
+            "fingerprint": inputs.train.fingerprint,
+        },
+        "split": inputs.split_hash(),
+    });
+    format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
+}
+
+/// Reads the newest complete checkpoint on rank 0 and gives every rank its
+/// bytes (run folders need not be shared between nodes). Every rank gets the
+/// same error when it cannot be read.
+pub fn restore_everywhere(comm: &Comm, plan: &RunPlan) -> Result<Option<Restored>> {
+    if !plan.checkpoint.resume {
+        return Ok(None);
+    }
+    let dir = checkpoint::folder(&plan.run_dir);
+    let found = if comm.is_root() {
+        checkpoint::newest(&dir).map_err(|e| format!("{e:#}"))
+    } else {
+        Ok(None)
+    };
+    let mut head = match &found {
+        Err(e) => format!("E{e}"),
+        Ok(None) => "N".to_string(),
+        Ok(Some(r)) => format!(
+            "C{}",
+            json!({"dir": r.dir, "step": r.step, "files": r.files.keys().collect::<Vec<_>>()})
+        ),
+    }
+    .into_bytes();
+    comm.broadcast_bytes(&mut head, 0);
+    let head = String::from_utf8_lossy(&head).into_owned();
+    match head.split_at(1) {
+        ("E", e) => bail!("{e}"),
+        ("N", _) => Ok(None),
+        (_, body) => {
+            let v: serde_json::Value = serde_json::from_str(body)?;
+            let names: Vec<String> = serde_json::from_value(v["files"].clone())?;
+            let mut files = BTreeMap::new();
+            for name in names {
+                let mut bytes = match &found {
+                    Ok(Some(r)) => r.files[&name].clone(),
+                    _ => Vec::new(),
+                };
+                comm.broadcast_bytes(&mut bytes, 0);
+                files.insert(name, bytes);
+            }
+            Ok(Some(Restored {
+                dir: PathBuf::from(v["dir"].as_str().unwrap_or_default()),
+                step: v["step"].as_u64().unwrap_or_default(),
+                files,
+            }))
+        }
+    }
+}
+
+/// Loads a checkpoint's model and run state, refusing another recipe.
+pub fn load_checkpoint(
+    restored: &Restored,
+    model: &Model,
+    recipe: &str,
+    split: &str,
+    command: &str,
+) -> Result<(RunState, BTreeMap<String, Tensor>)> {
+    let where_ = restored.dir.display();
+    let (model_tensors, meta) = weights::from_bytes(restored.file(MODEL_FILE)?)
+        .map_err(|e| anyhow::anyhow!("{where_}/{MODEL_FILE}: {e}"))?;
+    if let Some(arch) = meta.get("sfron.arch")
+        && *arch != model.arch.name()
+    {
+        bail!(
+            "checkpoint {where_} holds a {arch} model, this run builds {}",
+            model.arch.name()
+        );
+    }
+    let (state_tensors, state_meta) = weights::from_bytes(restored.file(STATE_FILE)?)
+        .map_err(|e| anyhow::anyhow!("{where_}/{STATE_FILE}: {e}"))?;
+    let state: RunState = serde_json::from_str(
+        state_meta
+            .get(STATE_KEY)
+            .with_context(|| format!("{where_}/{STATE_FILE} has no run state"))?,
+    )
+    .with_context(|| format!("{where_}/{STATE_FILE}: unreadable run state"))?;
+    if state.command != command {
+        bail!(
+            "checkpoint {where_} belongs to a `{}` run, not `{command}`: use another run.name",
+            state.command
+        );
+    }
+    if state.split != split {
+        bail!(
+            "checkpoint {where_} was made with split {}, this run uses {split}: use another \
+             run.name, or set checkpoint.resume = false to start over",
+            state.split
+        );
+    }
+    if state.recipe != recipe {
+        bail!(
+            "checkpoint {where_} was made with another configuration (recipe {} vs {recipe}): \
+             compare its config.toml, use another run.name, or set checkpoint.resume = false",
+            state.recipe
+        );
+    }
+    weights::copy_into(&model.vs, &model_tensors, &restored.dir.join(MODEL_FILE))?;
+    Ok((state, state_tensors.into_iter().collect()))
+}
+
+/// The bytes of a checkpoint: the model and the run state with optimizer buffers.
+pub fn checkpoint_files(
+    model: &Model,
+    engine: &Engine,
+    state: &RunState,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut meta = BTreeMap::new();
+    meta.insert("sfron.arch".to_string(), model.arch.name());
+    meta.insert("sfron.step".to_string(), state.step.to_string());
+    let model_bytes = weights::to_bytes(&model.state(), &meta).map_err(anyhow::Error::msg)?;
+    let (tensors, _) = engine.optimizer.state(&engine.names);
+    let mut smeta = BTreeMap::new();
+    smeta.insert(STATE_KEY.to_string(), serde_json::to_string(state)?);
+    let state_bytes = weights::to_bytes(&tensors, &smeta).map_err(anyhow::Error::msg)?;
+    Ok(vec![
+        (MODEL_FILE.to_string(), model_bytes),
+        (STATE_FILE.to_string(), state_bytes),
+    ])
+}
+
+/// Splits `members` into (train, validation) by a seeded draw of `fraction`.
+fn hold_out(members: Vec<usize>, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    if fraction <= 0.0 {
+        return (members, Vec::new());
+    }
+    let mut order = members;
+    Rng::keyed(&[seed, tag::VALIDATION]).shuffle(&mut order);
+    let n_val = ((order.len() as f64) * fraction).round() as usize;
+    let mut val = order[..n_val].to_vec();
+    let mut train = order[n_val..].to_vec();
+    val.sort_unstable();
+    train.sort_unstable();
+    (train, val)
+}
+
+/// Runs `sfron train`.
+pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Result<Status> {
+    let t = &plan.train;
+    let command = if t.on_remain { "retrain" } else { "train" };
+    let inputs = Inputs::open(plan)?;
+    let members = if t.on_remain {
+        inputs.remain()
+    } else {
+        (0..inputs.train.len()).collect()
+    };
+    let (members, val) = hold_out(members, t.val_fraction, plan.seed);
+    if members.is_empty() {
+        bail!("no training samples left (the split forgets all of them?)");
+    }
+    tch::manual_seed(plan.seed as i64);
+    let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
+    if let Some(init) = &plan.model.init {
+        model.load(init)?;
+    }
+    let recipe = recipe_hash(plan, &inputs, command);
+    let split = inputs.split_hash();
+    let optimizer = Optimizer::new(t.optimizer.clone(), model.parameters().len());
+    let stop = StopFlag::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
+    let mut engine = Engine::new(comm, &model, optimizer, t.max_skips, stop);
+
+    let mut state = RunState {
+        command: command.into(),
+        recipe: recipe.clone(),
+        split: split.clone(),
+        world_size: comm.size(),
+        ..RunState::default()
+    };
+    if let Some(restored) = restore_everywhere(comm, plan)? {
+        let (saved, tensors) = load_checkpoint(&restored, &model, &recipe, &split, command)?;
+        let params: Vec<Tensor> = engine.params.iter().map(Tensor::shallow_clone).collect();
+        engine
+            .optimizer
+            .restore(&engine.names, &params, &tensors, saved.optimizer_steps)
+            .map_err(|e| anyhow::anyhow!("{}/{STATE_FILE}: {e}", restored.dir.display()))?;
+        engine.skips_total = saved.skips_total;
+        engine.skips_in_row = saved.skips_in_row;
+        if saved.world_size != comm.size() {
+            tracing::warn!(
+                was = saved.world_size,
+                now = comm.size(),
+                "resuming with another rank count: the same global batches, BatchNorm statistics may differ"
+            );
+        }
+        tracing::info!(step = saved.step, dir = %restored.dir.display(), "resuming");
+        state = RunState {
+            world_size: comm.size(),
+            ..saved
+        };
+    }
+    // Rank 0 is the authority: every rank starts from its state.
+    engine.broadcast_state()?;
+
+    let mut sampler = Sampler::new(
+        members.clone(),
+        plan.seed,
+        Stream::Train,
+        t.batch,
+        true,
+        t.drop_last,
+    );
+    let per_epoch = sampler.batches_per_epoch() as u64;
+    if per_epoch == 0 {
+        bail!(
+            "train.batch = {} with drop_last leaves no batch of {} samples",
+            t.batch,
+            members.len()
+        );
+    }
+    let total = per_epoch * t.epochs as u64;
+    let end = t.max_steps.map_or(total, |m| m.min(total));
+    let start = state.step;
+    let cursor = Cursor {
+        epoch: start / per_epoch,
+        batch: (start % per_epoch) as usize,
+    };
+    let _ = sampler.permutation(cursor.epoch);
+    let train_loader = Inputs::loader(plan, &inputs.train, &plan.data.train_transform);
+    let mut stream = BatchStream::new(sampler, train_loader, cursor, comm.rank(), comm.size());
+    let mut test_loader = Inputs::loader(plan, &inputs.test, &plan.data.test_transform);
+    let mut val_loader = Inputs::loader(plan, &inputs.train, &plan.data.test_transform);
+    let test_indices: Vec<usize> = (0..inputs.test.len()).collect();
+
+    if comm.is_root() {
+        std::fs::create_dir_all(&plan.run_dir)
+            .with_context(|| format!("creating {}", plan.run_dir.display()))?;
+        crate::app::save_config(plan)?;
+        if let Some((m, _)) = &inputs.split {
+            m.save(&plan.run_dir.join("split.json"))?;
+        }
+    }
+    let mut checkpoints = if comm.is_root() {
+        Some(Checkpointer::new(
+            checkpoint::folder(&plan.run_dir),
+            plan.checkpoint.keep_last as usize,
+            plan.checkpoint.milestones.clone(),
+        )?)
+    } else {
+        None
+    };
+    let mut progress = Progress::new(&plan.run_dir, comm.is_root(), command, end, start)?;
+    tracing::info!(
+        samples = members.len(),
+        validation = val.len(),
+        steps_per_epoch = per_epoch,
+        steps = end,
+        from = start,
+        global_batch = t.batch,
+        "{command}: {}",
+        model.arch.name()
+    );
+
+    let mut step = start;
+    let mut window = (Instant::now(), 0f64, 0f64, 0f64, 0u64);
+    while step < end {
+        let t0 = Instant::now();
+        let batch = stream.next_batch()?;
+        engine.zero_grad();
+        let mut local = Local::default();
+        if !batch.is_empty() {
+            let x = batch.images.to_device(device);
+            let y = batch.labels.to_device(device);
+            let logits = model.forward_t(&x, true);
+            let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
+            loss.backward();
+            local = Local {
+                loss_sum: loss.double_value(&[]),
+                correct: logits
+                    .argmax(-1, false)
+                    .eq_tensor(&y)
+                    .sum(Kind::Float)
+                    .double_value(&[]),
+                count: batch.len() as f64,
+            };
+        }
+        if comm.rank() == faults.rank {
+            if faults.nan_at == Some(step) {
+                let g = engine.params[0].grad();
+                let _ = g.view([-1]).narrow(0, 0, 1).fill_(f64::NAN);
+            }
+            if faults.signal_at == Some(step) {
+                // SAFETY: raising a signal we handle with an atomic store.
+                unsafe { libc::raise(libc::SIGTERM) };
+            }
+        }
+        let lr = schedule::rate(&t.schedule, t.lr, step, total, t.warmup_steps, per_epoch);
+        let mut out = engine.reduce(local, Scale::MeanOverCount)?;
+        let what = format!("step {step}");
+        if let Err(e) = engine.step(&mut out, lr, &what) {
+            // Weights and optimizer are the last good step's: keep them.
+            state.step = step;
+            finish_checkpoint(
+                comm,
+                &model,
+                &engine,
+                &mut state,
+                stream.cursor(),
+                checkpoints.as_mut(),
+            )?;
+            return Err(e);
+        }
+        step += 1;
+        if comm.rank() == faults.rank && faults.perturb_at == Some(step - 1) {
+            tch::no_grad(|| {
+                let _ = engine.params[0]
+                    .view([-1])
+                    .narrow(0, 0, 1)
+                    .g_add_scalar_(1e-3);
+            });
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        window.1 += out.loss_sum;
+        window.2 += out.correct;
+        window.3 += out.count;
+        window.4 += 1;
+        if step.is_multiple_of(t.log_every) || step == end {
+            let secs = window.0.elapsed().as_secs_f64();
+            let rec = json!({
+                "event": "step", "step": step, "epoch": (step - 1) / per_epoch, "lr": lr,
+                "loss": window.1 / window.3.max(1.0), "acc": 100.0 * window.2 / window.3.max(1.0),
+                "images_per_s": window.3 / secs.max(1e-9), "step_ms": 1e3 * dt,
+                "skipped": engine.skips_total,
+            });
+            progress.show(
+                step,
+                &format!(
+                    "loss {:.4} acc {:.2}% lr {lr:.4} {:.0} img/s",
+                    window.1 / window.3.max(1.0),
+                    100.0 * window.2 / window.3.max(1.0),
+                    window.3 / secs.max(1e-9)
+                ),
+            );
+            progress.record(rec)?;
+            window = (Instant::now(), 0.0, 0.0, 0.0, 0);
+        }
+        if t.verify_every > 0 && step.is_multiple_of(t.verify_every) {
+            engine.verify_identical(&what)?;
+        }
+        let epoch_end = step.is_multiple_of(per_epoch);
+        let epoch = step.div_ceil(per_epoch);
+        let eval_now = step == end
+            || (epoch_end && t.eval_every > 0 && epoch.is_multiple_of(t.eval_every as u64));
+        if eval_now {
+            let test = eval::score(
+                comm,
+                &model,
+                &mut test_loader,
+                &test_indices,
+                t.batch,
+                device,
+            )?;
+            let mut rec = json!({
+                "event": "eval", "step": step, "epoch": epoch,
+                "test_acc": test.accuracy(), "test_loss": test.mean_loss(),
+            });
+            let mut line = format!("epoch {epoch}: test accuracy {:.2}%", test.accuracy());
+            if !val.is_empty() {
+                let v = eval::score(comm, &model, &mut val_loader, &val, t.batch, device)?;
+                rec["val_acc"] = json!(v.accuracy());
+                line.push_str(&format!(", validation {:.2}%", v.accuracy()));
+                if state.best.is_none_or(|(acc, _)| v.accuracy() > acc) {
+                    state.best = Some((v.accuracy(), step));
+                    if comm.is_root() {
+                        model.save(
+                            &plan.run_dir.join("best.safetensors"),
+                            final_meta(&state, &model, step),
+                        )?;
+                    }
+                }
+            }
+            progress.say(&line);
+            progress.record(rec)?;
+        }
+        let ck = &plan.checkpoint;
+        let due = out.stop
+            || step == end
+            || (ck.every_steps > 0 && step.is_multiple_of(ck.every_steps))
+            || (epoch_end && ck.every_epochs > 0 && epoch.is_multiple_of(ck.every_epochs as u64));
+        if due {
+            engine.verify_identical(&what)?;
+            state.step = step;
+            if out.stop {
+                finish_checkpoint(
+                    comm,
+                    &model,
+                    &engine,
+                    &mut state,
+                    stream.cursor(),
+                    checkpoints.as_mut(),
+                )?;
+                progress.finish();
+                tracing::warn!(
+                    step,
+                    "stop requested: checkpoint written, exiting as resumable"
+                );
+                return Ok(Status::Preempted);
+            }
+            if let Some(c) = checkpoints.as_mut() {
+                fill_state(&engine, &mut state, stream.cursor());
+                c.save(step, checkpoint_files(&model, &engine, &state)?)?;
+            }
+        }
+    }
+    progress.finish();
+    if let Some(c) = checkpoints.as_mut() {
+        c.wait()?;
+    }
+    if comm.is_root() {
+        let out = plan.run_dir.join(MODEL_FILE);
+        match state.best {
+            Some((acc, at)) if !val.is_empty() => {
+                std::fs::copy(plan.run_dir.join("best.safetensors"), &out)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                tracing::info!(
+                    validation_acc = acc,
+                    step = at,
+                    "selected the best validation epoch"
+                );
+            }
+            _ => model.save(&out, final_meta(&state, &model, step))?,
+        }
+        tracing::info!(path = %out.display(), "{command} done");
+    }
+    comm.barrier();
+    Ok(Status::Done)
+}
+
+fn final_meta(state: &RunState, model: &Model, step: u64) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert("sfron.arch".into(), model.arch.name());
+    m.insert("sfron.command".into(), state.command.clone());
+    m.insert("sfron.step".into(), step.to_string());
+    m.insert("sfron.recipe".into(), state.recipe.clone());
+    m.insert("sfron.split".into(), state.split.clone());
+    m
+}
+
+fn fill_state(engine: &Engine, state: &mut RunState, cursor: Cursor) {
+    state.cursors.insert("train".into(), cursor);
+    state.optimizer_steps = engine.optimizer.steps();
+    state.skips_total = engine.skips_total;
+    state.skips_in_row = engine.skips_in_row;
+}
+
+/// Writes a checkpoint now and waits until it is complete on every rank.
+fn finish_checkpoint(
+    comm: &Comm,
+    model: &Model,
+    engine: &Engine,
+    state: &mut RunState,
+    cursor: Cursor,
+    checkpoints: Option<&mut Checkpointer>,
+) -> Result<()> {
+    fill_state(engine, state, cursor);
+    if let Some(c) = checkpoints {
+        c.save(state.step, checkpoint_files(model, engine, state)?)?;
+        if let Some(dir) = c.wait()? {
+            tracing::info!(dir = %dir.display(), "checkpoint written");
+        }
+    }
+    comm.barrier();
+    Ok(())
+}
