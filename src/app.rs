@@ -38,13 +38,7 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
     let layers = Layers {
         file: cli.global.config.clone(),
         env: Layers::env_from_process(),
-        sets: {
-            let mut sets = cli.global.all_sets();
-            if let Command::Train(args) = &cli.command {
-                sets.extend(args.sets());
-            }
-            sets
-        },
+        sets: cli.global.all_sets(&cli.command),
     };
     let loaded = config::load(&layers)?;
     let cores = std::thread::available_parallelism()

@@ -35,7 +35,7 @@ pub struct GlobalArgs {
     #[arg(short, long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Set one key, e.g. `--set device.threads=4` (repeatable, highest precedence).
-    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Shorthand for `--set device.kind=...`.
     #[arg(long, global = true, value_parser = PossibleValuesParser::new(DeviceKind::NAMES))]
@@ -54,10 +54,37 @@ pub struct GlobalArgs {
     pub dry_run: bool,
 }
 
+/// `--set` given after the subcommand. (A clap `global` list would let these
+/// replace the ones given before the subcommand; both must count.)
+#[derive(Debug, Args)]
+pub struct MoreSets {
+    /// Set one key, e.g. `--set device.threads=4` (repeatable, highest precedence).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl Command {
+    /// The `--set`s given after the subcommand, then what its shorthand flags stand for.
+    pub fn sets(&self) -> Vec<String> {
+        match self {
+            Command::Doctor(a) => a.more.sets.clone(),
+            Command::Split(a) => a.more.sets.clone(),
+            Command::Train(a) => {
+                let mut sets = a.more.sets.clone();
+                sets.extend(a.shorthand_sets());
+                sets
+            }
+            Command::Bench(BenchCommand::Data(a)) => a.more.sets.clone(),
+        }
+    }
+}
+
 impl GlobalArgs {
-    /// `--set` strings followed by the shorthand flags, lowest precedence first.
-    pub fn all_sets(&self) -> Vec<String> {
+    /// `--set` strings (before, then after the subcommand) followed by the
+    /// shorthand flags, lowest precedence first.
+    pub fn all_sets(&self, command: &Command) -> Vec<String> {
         let mut sets = self.sets.clone();
+        sets.extend(command.sets());
         if let Some(d) = &self.device {
             sets.push(format!("device.kind={d}"));
         }
@@ -100,6 +127,8 @@ pub enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub struct BenchDataArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
     /// ImageFolder root (with train/<class>/*.jpg).
     #[arg(long, value_name = "DIR")]
     pub root: PathBuf,
@@ -120,6 +149,8 @@ pub struct BenchDataArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
     /// Shorthand for `--set train.on=...`: `all` (the original model) or
     /// `remain` (Retrain on the split's remain set).
     #[arg(long, value_parser = PossibleValuesParser::new(crate::config::raw::TrainOn::NAMES))]
@@ -146,7 +177,7 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// The `--set`s these flags stand for.
-    pub fn sets(&self) -> Vec<String> {
+    pub fn shorthand_sets(&self) -> Vec<String> {
         let mut sets = Vec::new();
         if let Some(on) = &self.on {
             sets.push(format!("train.on={on}"));
@@ -163,6 +194,8 @@ impl TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct SplitArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
     /// `random:FRACTION` (seeded by run.seed), `class:3,5`, or `list:FILE`
     /// (one sample index or id per line).
     #[arg(long, value_name = "SCENARIO")]
@@ -174,6 +207,8 @@ pub struct SplitArgs {
 
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
     /// Test-only: make one rank fail after the topology exchange.
     #[arg(long, hide = true, value_enum)]
     pub fault: Option<Fault>,

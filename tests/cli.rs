@@ -239,3 +239,21 @@ fn bench_data_reports_rates_for_each_transform_and_worker_count() {
         assert!(line["images_per_second"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn set_before_and_after_the_subcommand_both_count() {
+    let out = sfron(&[
+        "--set",
+        "run.name=before",
+        "train",
+        "--set",
+        "run.seed=7",
+        "--on",
+        "all",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("name = \"before\""), "{stdout}");
+    assert!(stdout.contains("seed = 7"), "{stdout}");
+}

@@ -218,6 +218,9 @@ fn parse_set(arg: &str) -> Result<(String, ValueKind), ConfigError> {
         .ok()
         .and_then(|mut t| t.remove("v"));
     let kind = match parsed {
+        // `nan` and `inf` are TOML floats, but as a value they are far more
+        // likely a name (`run.name=nan`); no key takes a non-finite number.
+        Some(toml::Value::Float(f)) if !f.is_finite() => ValueKind::String(value.to_string()),
         Some(v) => toml_to_kind(&v),
         None => ValueKind::String(value.to_string()),
     };

@@ -337,3 +337,13 @@ fn data_keys_are_validated_with_their_origin() {
     assert_eq!(plan.data.train_transform.shape, [3, 224, 224]);
     assert_eq!(plan.data.on_corrupt, crate::data::CorruptPolicy::Skip);
 }
+
+#[test]
+fn set_values_nan_and_inf_stay_strings() {
+    let loaded = load(&Layers {
+        sets: vec!["run.name=nan".into()],
+        ..Layers::default()
+    })
+    .unwrap();
+    assert_eq!(loaded.raw.run.name, "nan");
+}

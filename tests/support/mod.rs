@@ -28,3 +28,66 @@ pub fn sfron_alone() -> Command {
         .env_remove("SFRON_COMM");
     cmd
 }
+
+/// The tensors of a safetensors file, by name, as f32 values.
+#[allow(dead_code)]
+pub fn tensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let (tensors, _) = sfron::model::weights::load(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    tensors
+        .into_iter()
+        .map(|(n, t)| {
+            let v: Vec<f32> = Vec::try_from(t.to_kind(tch::Kind::Float).reshape([-1])).unwrap();
+            (n, v)
+        })
+        .collect()
+}
+
+/// Largest per-tensor relative difference `max|a−b| / max|b|` between two
+/// weight files with the same names (panics when the names differ).
+#[allow(dead_code)]
+pub fn max_relative_difference(a: &std::path::Path, b: &std::path::Path) -> f64 {
+    let (ta, tb) = (tensors(a), tensors(b));
+    let names = |t: &[(String, Vec<f32>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&ta), names(&tb), "different tensors");
+    ta.iter()
+        .zip(&tb)
+        .map(|((_, x), (_, y))| {
+            let scale = y.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+            let diff = x
+                .iter()
+                .zip(y)
+                .fold(0f64, |m, (p, q)| m.max((p - q).abs() as f64));
+            diff / scale
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Whether two weight files hold bit-identical tensors.
+#[allow(dead_code)]
+pub fn same_bits(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let bits = |p| {
+        tensors(p)
+            .into_iter()
+            .map(|(n, v)| (n, v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()))
+            .collect::<Vec<_>>()
+    };
+    bits(a) == bits(b)
+}
+
+/// A seed for randomised tests: `SFRON_TEST_SEED` or the clock (printed, so
+/// a failure can be replayed).
+#[allow(dead_code)]
+pub fn test_seed(what: &str) -> u64 {
+    let seed = std::env::var("SFRON_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("{what}: SFRON_TEST_SEED={seed}");
+    seed
+}
