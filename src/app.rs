@@ -8,7 +8,7 @@ use crate::cli::{BenchCommand, Cli, Command};
 use crate::comm::{Comm, CommMode};
 use crate::config::{self, Layers, RunPlan};
 use crate::train::{self, Status};
-use crate::{bench, device, doctor, exit, fsx, split, telemetry};
+use crate::{bench, device, doctor, exit, fsx, split, telemetry, unlearn};
 
 /// Runs the command and returns the process exit code (see [`crate::exit`]).
 pub fn run(cli: Cli) -> i32 {
@@ -57,7 +57,10 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
     tracing::info!(ranks = comm.size(), backend = comm.backend(), device = %device::describe(device), "started");
     match &cli.command {
         Command::Train(args) => {
-            return train::run(comm, &plan, device, train::Faults::from_args(args));
+            return train::run(comm, &plan, device, train::Faults::from_args(&args.faults));
+        }
+        Command::Unlearn(args) => {
+            return unlearn::run(comm, &plan, device, args);
         }
         Command::Doctor(args) => {
             let report = doctor::run(comm, &plan, device, args)?;

@@ -74,6 +74,11 @@ impl Command {
                 sets.extend(a.shorthand_sets());
                 sets
             }
+            Command::Unlearn(a) => {
+                let mut sets = a.more.sets.clone();
+                sets.extend(a.shorthand_sets());
+                sets
+            }
             Command::Bench(BenchCommand::Data(a)) => a.more.sets.clone(),
         }
     }
@@ -113,6 +118,10 @@ pub enum Command {
     /// (`--on remain --split MANIFEST`). Resumes from the run folder's newest
     /// checkpoint; exits 75 after a checkpoint when SIGTERM/SIGUSR1 arrives.
     Train(TrainArgs),
+    /// Make a trained model forget the split's forget set (`--method sfron
+    /// --from ORIGINAL --split MANIFEST`). Writes the unlearned weights, run
+    /// state and metrics to the run folder; resumes and exits 75 like `train`.
+    Unlearn(UnlearnArgs),
     /// Measure a part of sfron (rates, printed as JSON lines).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -161,6 +170,13 @@ pub struct TrainArgs {
     /// Shorthand for `--set model.init=FILE`: start from these weights.
     #[arg(long, value_name = "WEIGHTS")]
     pub init: Option<PathBuf>,
+    #[command(flatten)]
+    pub faults: FaultArgs,
+}
+
+/// Test-only faults of `train` and `unlearn`, to prove the guards work.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct FaultArgs {
     /// Test-only: a NaN in rank `--fault-rank`'s gradient at this step.
     #[arg(long, hide = true)]
     pub fault_nan_at: Option<u64>,
@@ -173,6 +189,44 @@ pub struct TrainArgs {
     /// Test-only: the rank the faults hit.
     #[arg(long, hide = true, default_value_t = 0)]
     pub fault_rank: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct UnlearnArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// Shorthand for `--set unlearn.method=...`.
+    #[arg(long, value_parser = PossibleValuesParser::new(crate::config::raw::UnlearnMethod::NAMES))]
+    pub method: Option<String>,
+    /// Shorthand for `--set unlearn.from=FILE`: the original model's weights.
+    #[arg(long, value_name = "WEIGHTS")]
+    pub from: Option<PathBuf>,
+    /// Shorthand for `--set data.split=FILE` (a manifest from `sfron split`).
+    #[arg(long, value_name = "MANIFEST")]
+    pub split: Option<PathBuf>,
+    /// Write every global batch's sample indices (Fisher passes, forget and
+    /// remain steps) to this JSON-lines file (rank 0), for reference checks.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub faults: FaultArgs,
+}
+
+impl UnlearnArgs {
+    /// The `--set`s these flags stand for.
+    pub fn shorthand_sets(&self) -> Vec<String> {
+        let mut sets = Vec::new();
+        if let Some(m) = &self.method {
+            sets.push(format!("unlearn.method={m}"));
+        }
+        if let Some(from) = &self.from {
+            sets.push(format!("unlearn.from={}", from.display()));
+        }
+        if let Some(split) = &self.split {
+            sets.push(format!("data.split={}", split.display()));
+        }
+        sets
+    }
 }
 
 impl TrainArgs {

@@ -50,6 +50,15 @@ impl Inputs {
         })
     }
 
+    /// What identifies the training data a run learns from (for recipe hashes).
+    pub fn identity(&self, plan: &RunPlan) -> serde_json::Value {
+        serde_json::json!({
+            "format": plan.data.format.name(),
+            "transform": format!("{:?}", plan.data.train_transform),
+            "fingerprint": self.train.fingerprint,
+        })
+    }
+
     /// The split's hash, or "none".
     pub fn split_hash(&self) -> String {
         self.split

@@ -12,6 +12,9 @@
 //! - [`data`]: formats, split manifests, sharded sampler, transforms, loader.
 //! - [`rng`]: keyed random streams (every random choice is a function of its key).
 //! - [`model`]: the zoo with PyTorch names; safetensors weights in and out.
+//! - [`engine`]: the step skeleton (reduce, non-finite policy, optimizers,
+//!   checkpoints, preemption); [`train`]: `sfron train`; [`unlearn`]: `sfron
+//!   unlearn` (SFR-on in [`unlearn::sfron`]); [`eval`]: distributed scoring.
 //! - [`fsx`]: atomic file writes.
 //!
 //! Threading rule: MPI is initialised once, in [`app::run`], and only the main
@@ -36,3 +39,4 @@ pub mod rng;
 pub mod split;
 pub mod telemetry;
 pub mod train;
+pub mod unlearn;

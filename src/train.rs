@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::cli::TrainArgs;
+use crate::cli::FaultArgs;
 use crate::comm::Comm;
 use crate::config::RunPlan;
 use crate::data::{BatchStream, Cursor, Sampler, Stream};
@@ -61,6 +61,12 @@ pub struct RunState {
     /// Best validation accuracy and its step (model selection).
     pub best: Option<(f64, u64)>,
     pub world_size: usize,
+    /// Seconds of work so far, over every resumed part (the run's wall time).
+    #[serde(default)]
+    pub elapsed_s: f64,
+    /// Scores of the starting model (unlearning: the original's FA/RA/TA).
+    #[serde(default)]
+    pub before: Option<serde_json::Value>,
 }
 
 /// Test-only faults, to prove the guards work.
@@ -76,12 +82,36 @@ pub struct Faults {
 }
 
 impl Faults {
-    pub fn from_args(args: &TrainArgs) -> Self {
+    pub fn from_args(args: &FaultArgs) -> Self {
         Faults {
             nan_at: args.fault_nan_at,
             signal_at: args.fault_signal_at,
             perturb_at: args.fault_perturb_at,
             rank: args.fault_rank,
+        }
+    }
+
+    /// Before the reduction of `step`: a NaN gradient or a SIGTERM on the faulty rank.
+    pub fn before_reduce(&self, rank: usize, step: u64, params: &[Tensor]) {
+        if rank != self.rank {
+            return;
+        }
+        if self.nan_at == Some(step) {
+            let g = params[0].grad();
+            let _ = g.view([-1]).narrow(0, 0, 1).fill_(f64::NAN);
+        }
+        if self.signal_at == Some(step) {
+            // SAFETY: raising a signal we handle with an atomic store.
+            unsafe { libc::raise(libc::SIGTERM) };
+        }
+    }
+
+    /// After `step`: the faulty rank's weights drift (verification must catch it).
+    pub fn after_step(&self, rank: usize, step: u64, params: &[Tensor]) {
+        if rank == self.rank && self.perturb_at == Some(step) {
+            tch::no_grad(|| {
+                let _ = params[0].view([-1]).narrow(0, 0, 1).g_add_scalar_(1e-3);
+            });
         }
     }
 }
@@ -106,11 +136,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
         "seed": plan.seed,
         "model": { "arch": plan.model.arch.name(), "init": init },
         "train": train,
-        "data": {
-            "format": plan.data.format.name(),
-            "transform": format!("{:?}", plan.data.train_transform),
-            "fingerprint": inputs.train.fingerprint,
-        },
+        "data": inputs.identity(plan),
         "split": inputs.split_hash(),
     });
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
@@ -337,23 +363,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     let mut val_loader = Inputs::loader(plan, &inputs.train, &plan.data.test_transform);
     let test_indices: Vec<usize> = (0..inputs.test.len()).collect();
 
-    if comm.is_root() {
-        std::fs::create_dir_all(&plan.run_dir)
-            .with_context(|| format!("creating {}", plan.run_dir.display()))?;
-        crate::app::save_config(plan)?;
-        if let Some((m, _)) = &inputs.split {
-            m.save(&plan.run_dir.join("split.json"))?;
-        }
-    }
-    let mut checkpoints = if comm.is_root() {
-        Some(Checkpointer::new(
-            checkpoint::folder(&plan.run_dir),
-            plan.checkpoint.keep_last as usize,
-            plan.checkpoint.milestones.clone(),
-        )?)
-    } else {
-        None
-    };
+    let mut checkpoints = open_run_dir(comm, plan, &inputs)?;
     let mut progress = Progress::new(&plan.run_dir, comm.is_root(), command, end, start)?;
     tracing::info!(
         samples = members.len(),
@@ -389,16 +399,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
                 count: batch.len() as f64,
             };
         }
-        if comm.rank() == faults.rank {
-            if faults.nan_at == Some(step) {
-                let g = engine.params[0].grad();
-                let _ = g.view([-1]).narrow(0, 0, 1).fill_(f64::NAN);
-            }
-            if faults.signal_at == Some(step) {
-                // SAFETY: raising a signal we handle with an atomic store.
-                unsafe { libc::raise(libc::SIGTERM) };
-            }
-        }
+        faults.before_reduce(comm.rank(), step, &engine.params);
         let lr = schedule::rate(&t.schedule, t.lr, step, total, t.warmup_steps, per_epoch);
         let mut out = engine.reduce(local, Scale::MeanOverCount)?;
         let what = format!("step {step}");
@@ -416,14 +417,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
             return Err(e);
         }
         step += 1;
-        if comm.rank() == faults.rank && faults.perturb_at == Some(step - 1) {
-            tch::no_grad(|| {
-                let _ = engine.params[0]
-                    .view([-1])
-                    .narrow(0, 0, 1)
-                    .g_add_scalar_(1e-3);
-            });
-        }
+        faults.after_step(comm.rank(), step - 1, &engine.params);
         let dt = t0.elapsed().as_secs_f64();
         window.1 += out.loss_sum;
         window.2 += out.correct;
@@ -541,7 +535,26 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     Ok(Status::Done)
 }
 
-fn final_meta(state: &RunState, model: &Model, step: u64) -> BTreeMap<String, String> {
+/// Rank 0 creates the run folder, saves the resolved configuration and the
+/// split there, and opens the checkpointer (other ranks get `None`).
+pub fn open_run_dir(comm: &Comm, plan: &RunPlan, inputs: &Inputs) -> Result<Option<Checkpointer>> {
+    if !comm.is_root() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(&plan.run_dir)
+        .with_context(|| format!("creating {}", plan.run_dir.display()))?;
+    crate::app::save_config(plan)?;
+    if let Some((m, _)) = &inputs.split {
+        m.save(&plan.run_dir.join("split.json"))?;
+    }
+    Ok(Some(Checkpointer::new(
+        checkpoint::folder(&plan.run_dir),
+        plan.checkpoint.keep_last as usize,
+        plan.checkpoint.milestones.clone(),
+    )?))
+}
+
+pub fn final_meta(state: &RunState, model: &Model, step: u64) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert("sfron.arch".into(), model.arch.name());
     m.insert("sfron.command".into(), state.command.clone());

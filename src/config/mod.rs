@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 
 use config::{Map, Source, Value, ValueKind};
 
-pub use plan::{DataPlan, ModelPlan, OptimizerPlan, RunPlan, Schedule, TrainPlan};
+pub use plan::{
+    DataPlan, ModelPlan, OptimizerPlan, RunPlan, Saliency, Schedule, SfronPlan, TrainPlan,
+    UnlearnPlan,
+};
 pub use raw::RawConfig;
 
 /// The only environment variables that set configuration keys.

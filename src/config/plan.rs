@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::raw::{
     CheckpointSection, DataFormat, DeviceKind, LogSection, NonFinite, OnCorrupt, OptimizerName,
-    ScheduleName, TrainOn, TransformName,
+    SaliencyName, ScheduleName, TrainOn, TransformName, UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -44,6 +44,8 @@ pub struct RunPlan {
     pub model: ModelPlan,
     pub train: TrainPlan,
     pub checkpoint: CheckpointSection,
+    pub unlearn: UnlearnPlan,
+    pub sfron: SfronPlan,
     pub topology: Topology,
     /// The merged configuration this plan came from (for printing and saving).
     pub config: LoadedConfig,
@@ -89,6 +91,8 @@ impl RunPlan {
         let data = data_plan(&config)?;
         let model = model_plan(&config)?;
         let train = train_plan(&config, &data)?;
+        let unlearn = unlearn_plan(&config)?;
+        let sfron = sfron_plan(&config, &unlearn)?;
         if raw.checkpoint.keep_last == 0 {
             return Err(config.key_error(
                 "checkpoint.keep_last",
@@ -100,6 +104,8 @@ impl RunPlan {
             model,
             train,
             checkpoint: raw.checkpoint.clone(),
+            unlearn,
+            sfron,
             run_dir: PathBuf::from(&raw.run.root).join(name),
             seed: raw.run.seed,
             device: raw.device.kind,
@@ -179,6 +185,194 @@ pub struct TrainPlan {
     pub verify_every: u64,
 }
 
+/// What every unlearning method shares, validated.
+#[derive(Clone, Debug)]
+pub struct UnlearnPlan {
+    pub method: UnlearnMethod,
+    /// The original model (required by `unlearn`).
+    pub from: Option<PathBuf>,
+    pub iterations: u64,
+    pub batch: usize,
+    pub forget_batch: usize,
+    pub optimizer: OptimizerPlan,
+    pub lr: f64,
+    pub log_every: u64,
+    pub eval_every: u64,
+    pub eval_before: bool,
+    pub max_skips: Option<u32>,
+    pub verify_every: u64,
+}
+
+/// How the saliency gates the forget gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Saliency {
+    /// `M = 1[S >= gamma]`.
+    Hard {
+        gamma: f64,
+    },
+    /// `min(S, max)`.
+    Soft {
+        max: f64,
+    },
+    None,
+}
+
+/// SFR-on's settings, validated (DESIGN §1.1-1.2).
+#[derive(Clone, Debug)]
+pub struct SfronPlan {
+    pub forget_every: u64,
+    pub alpha: f64,
+    pub clip: Option<f64>,
+    pub lambda: f64,
+    pub beta: f64,
+    pub saliency: Saliency,
+    pub fisher_batch: usize,
+    pub fisher_remain_batches: Option<u64>,
+    /// `None`: `<run folder>/fisher.safetensors`.
+    pub fisher_cache: Option<PathBuf>,
+    pub freeze_bn_on_forget: bool,
+}
+
+/// The optimizer of a `[train]` or `[unlearn]` section, validated.
+#[allow(clippy::too_many_arguments)]
+fn optimizer_plan(
+    config: &LoadedConfig,
+    section: &str,
+    name: OptimizerName,
+    momentum: f64,
+    nesterov: bool,
+    weight_decay: f64,
+    betas: [f64; 2],
+    eps: f64,
+) -> Result<OptimizerPlan, ConfigError> {
+    let unit = |key: &str, v: f64, what: &str| {
+        if v.is_finite() && (0.0..1.0).contains(&v) {
+            Ok(())
+        } else {
+            Err(config.key_error(
+                &format!("{section}.{key}"),
+                format!("{v}: {what} must be in [0, 1)"),
+            ))
+        }
+    };
+    unit("momentum", momentum, "momentum")?;
+    unit("betas", betas[0], "beta1")?;
+    unit("betas", betas[1], "beta2")?;
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(config.key_error(&format!("{section}.eps"), "must be a positive number"));
+    }
+    if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+        return Err(config.key_error(&format!("{section}.weight_decay"), "must be 0 or more"));
+    }
+    if nesterov && (momentum == 0.0 || name != OptimizerName::Sgd) {
+        return Err(config.key_error(
+            &format!("{section}.nesterov"),
+            "Nesterov needs optimizer = \"sgd\" and momentum > 0",
+        ));
+    }
+    Ok(match name {
+        OptimizerName::Sgd => OptimizerPlan::Sgd {
+            momentum,
+            nesterov,
+            weight_decay,
+        },
+        OptimizerName::AdamW => OptimizerPlan::AdamW {
+            betas,
+            eps,
+            weight_decay,
+        },
+    })
+}
+
+fn positive(config: &LoadedConfig, key: &str, v: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(config.key_error(key, format!("{v} must be a positive number")))
+    }
+}
+
+fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
+    let u = &config.raw.unlearn;
+    positive(config, "unlearn.lr", u.lr)?;
+    if u.iterations == 0 {
+        return Err(config.key_error("unlearn.iterations", "must be at least 1"));
+    }
+    if u.batch == 0 {
+        return Err(config.key_error("unlearn.batch", "must be at least 1 (the global batch)"));
+    }
+    if u.forget_batch == 0 {
+        return Err(config.key_error("unlearn.forget_batch", "must be at least 1"));
+    }
+    let optimizer = optimizer_plan(
+        config,
+        "unlearn",
+        u.optimizer,
+        u.momentum,
+        u.nesterov,
+        u.weight_decay,
+        u.betas,
+        u.eps,
+    )?;
+    Ok(UnlearnPlan {
+        method: u.method,
+        from: (!u.from.trim().is_empty()).then(|| PathBuf::from(&u.from)),
+        iterations: u.iterations,
+        batch: u.batch as usize,
+        forget_batch: u.forget_batch as usize,
+        optimizer,
+        lr: u.lr,
+        log_every: u.log_every.max(1) as u64,
+        eval_every: u.eval_every,
+        eval_before: u.eval_before,
+        max_skips: match u.nonfinite {
+            NonFinite::Skip => Some(u.max_skips.max(1)),
+            NonFinite::Error => None,
+        },
+        verify_every: u.verify_every,
+    })
+}
+
+fn sfron_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<SfronPlan, ConfigError> {
+    let s = &config.raw.sfron;
+    if s.forget_every == 0 {
+        return Err(config.key_error("sfron.forget_every", "must be at least 1"));
+    }
+    if !(s.alpha.is_finite() && s.alpha >= 0.0) {
+        return Err(config.key_error("sfron.alpha", "must be 0 or more"));
+    }
+    if !(s.clip.is_finite() && s.clip >= 0.0) {
+        return Err(config.key_error("sfron.clip", "must be 0 (no clipping) or more"));
+    }
+    if !(s.lambda.is_finite() && s.lambda >= 0.0) {
+        return Err(config.key_error("sfron.lambda", "must be 0 or more"));
+    }
+    if !(s.beta.is_finite() && s.beta > 0.0 && s.beta <= 1.0) {
+        return Err(config.key_error("sfron.beta", format!("{}: must be in (0, 1]", s.beta)));
+    }
+    positive(config, "sfron.gamma", s.gamma)?;
+    positive(config, "sfron.soft_max", s.soft_max)?;
+    Ok(SfronPlan {
+        forget_every: s.forget_every,
+        alpha: s.alpha,
+        clip: (s.clip > 0.0).then_some(s.clip),
+        lambda: s.lambda,
+        beta: s.beta,
+        saliency: match s.saliency {
+            SaliencyName::Hard => Saliency::Hard { gamma: s.gamma },
+            SaliencyName::Soft => Saliency::Soft { max: s.soft_max },
+            SaliencyName::None => Saliency::None,
+        },
+        fisher_batch: match s.fisher_batch {
+            0 => unlearn.forget_batch,
+            n => n as usize,
+        },
+        fisher_remain_batches: (s.fisher_remain_batches > 0).then_some(s.fisher_remain_batches),
+        fisher_cache: (!s.fisher_cache.trim().is_empty()).then(|| PathBuf::from(&s.fisher_cache)),
+        freeze_bn_on_forget: s.freeze_bn_on_forget,
+    })
+}
+
 fn model_plan(config: &LoadedConfig) -> Result<ModelPlan, ConfigError> {
     let m = &config.raw.model;
     if !(m.width.is_finite() && m.width > 0.0 && m.width <= 16.0) {
@@ -208,13 +402,6 @@ fn model_plan(config: &LoadedConfig) -> Result<ModelPlan, ConfigError> {
 
 fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, ConfigError> {
     let t = &config.raw.train;
-    let positive = |key: &str, v: f64| {
-        if v.is_finite() && v > 0.0 {
-            Ok(())
-        } else {
-            Err(config.key_error(key, format!("{v} must be a positive number")))
-        }
-    };
     let unit = |key: &str, v: f64, what: &str| {
         if v.is_finite() && (0.0..1.0).contains(&v) {
             Ok(())
@@ -222,27 +409,14 @@ fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, Confi
             Err(config.key_error(key, format!("{v}: {what} must be in [0, 1)")))
         }
     };
-    positive("train.lr", t.lr)?;
-    unit("train.momentum", t.momentum, "momentum")?;
+    positive(config, "train.lr", t.lr)?;
     unit("train.val_fraction", t.val_fraction, "a fraction")?;
-    unit("train.betas", t.betas[0], "beta1")?;
-    unit("train.betas", t.betas[1], "beta2")?;
-    positive("train.eps", t.eps)?;
-    positive("train.gamma", t.gamma)?;
-    if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-        return Err(config.key_error("train.weight_decay", "must be 0 or more"));
-    }
+    positive(config, "train.gamma", t.gamma)?;
     if t.epochs == 0 {
         return Err(config.key_error("train.epochs", "must be at least 1"));
     }
     if t.batch == 0 {
         return Err(config.key_error("train.batch", "must be at least 1 (the global batch)"));
-    }
-    if t.nesterov && (t.momentum == 0.0 || t.optimizer != OptimizerName::Sgd) {
-        return Err(config.key_error(
-            "train.nesterov",
-            "Nesterov needs optimizer = \"sgd\" and momentum > 0",
-        ));
     }
     if t.schedule == ScheduleName::Step && t.milestones.windows(2).any(|w| w[0] >= w[1]) {
         return Err(config.key_error("train.milestones", "epochs must be increasing"));
@@ -254,18 +428,16 @@ fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, Confi
             "\"remain\" (Retrain) needs a split: pass --split MANIFEST or set data.split",
         ));
     }
-    let optimizer = match t.optimizer {
-        OptimizerName::Sgd => OptimizerPlan::Sgd {
-            momentum: t.momentum,
-            nesterov: t.nesterov,
-            weight_decay: t.weight_decay,
-        },
-        OptimizerName::AdamW => OptimizerPlan::AdamW {
-            betas: t.betas,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    };
+    let optimizer = optimizer_plan(
+        config,
+        "train",
+        t.optimizer,
+        t.momentum,
+        t.nesterov,
+        t.weight_decay,
+        t.betas,
+        t.eps,
+    )?;
     Ok(TrainPlan {
         on_remain,
         epochs: t.epochs,

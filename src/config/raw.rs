@@ -50,6 +50,8 @@ pub struct RawConfig {
     pub model: ModelSection,
     pub train: TrainSection,
     pub checkpoint: CheckpointSection,
+    pub unlearn: UnlearnSection,
+    pub sfron: SfronSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -356,6 +358,135 @@ impl Default for CheckpointSection {
             keep_last: 2,
             milestones: Vec::new(),
             resume: true,
+        }
+    }
+}
+
+string_enum! {
+    /// The unlearning method of `sfron unlearn`.
+    UnlearnMethod {
+        /// SFR-on (DESIGN §1.1-1.2).
+        Sfron => "sfron",
+    }
+}
+
+string_enum! {
+    /// How SFR-on's saliency gates the forget gradient.
+    SaliencyName {
+        /// `M = 1[S >= gamma]` (the released rule).
+        Hard => "hard",
+        /// `S` itself, clipped to `soft_max`.
+        Soft => "soft",
+        /// No mask.
+        None => "none",
+    }
+}
+
+/// What every unlearning method shares: the starting weights, the budget,
+/// the optimizer and the run's bookkeeping.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnlearnSection {
+    pub method: UnlearnMethod,
+    /// The original model's weights (safetensors from `sfron train` or PyTorch).
+    pub from: String,
+    /// Iterations T (each: a remain step, plus a forget step every `sfron.forget_every`).
+    pub iterations: u64,
+    /// Global remain batch (all ranks together).
+    pub batch: u32,
+    /// Global forget batch.
+    pub forget_batch: u32,
+    pub optimizer: OptimizerName,
+    /// Peak learning rate η (cosine to 0 over the iterations).
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// Log and record metrics every this many iterations.
+    pub log_every: u32,
+    /// Measure forget, remain and test accuracy every this many iterations (0 = at the end only).
+    pub eval_every: u64,
+    /// Also measure them before the first iteration (the original's numbers).
+    pub eval_before: bool,
+    pub nonfinite: NonFinite,
+    pub max_skips: u32,
+    /// Compare a digest of every rank's weights every this many iterations (0 = at checkpoints only).
+    pub verify_every: u64,
+}
+
+impl Default for UnlearnSection {
+    fn default() -> Self {
+        UnlearnSection {
+            method: UnlearnMethod::Sfron,
+            from: String::new(),
+            iterations: 1500,
+            batch: 128,
+            forget_batch: 128,
+            optimizer: OptimizerName::Sgd,
+            lr: 0.01,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 5e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            log_every: 20,
+            eval_every: 0,
+            eval_before: true,
+            nonfinite: NonFinite::Skip,
+            max_skips: 5,
+            verify_every: 0,
+        }
+    }
+}
+
+/// SFR-on's own keys (DESIGN §1.1-1.2); defaults are the released CIFAR-10 values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SfronSection {
+    /// K: a forget step every K iterations.
+    pub forget_every: u64,
+    /// α: peak forget coefficient (cosine to 0 like the learning rate).
+    pub alpha: f64,
+    /// c: the forget gradient's global L2 norm is clipped to this (0 = no clipping).
+    pub clip: f64,
+    /// λ: adaptive weight exponent, c_i = 1/(loss_i^λ + 1e-15) (0 = plain gradient ascent).
+    pub lambda: f64,
+    /// γ: the hard mask keeps parameters with saliency S >= γ.
+    pub gamma: f64,
+    /// β: slow-weight interpolation (1 = off, the released setting).
+    pub beta: f64,
+    pub saliency: SaliencyName,
+    /// `soft` saliency: S is clipped to this maximum.
+    pub soft_max: f64,
+    /// Global batch of the Fisher passes (0 = unlearn.forget_batch).
+    pub fisher_batch: u32,
+    /// Remain batches the remain Fisher averages (0 = the whole remain set).
+    pub fisher_remain_batches: u64,
+    /// Where the Fisher is cached ("" = <run folder>/fisher.safetensors); reused
+    /// only when the original weights, the split and the Fisher settings match.
+    pub fisher_cache: String,
+    /// Keep BatchNorm running statistics frozen during forget steps (the
+    /// released code updates them with forget data; off = released behaviour).
+    pub freeze_bn_on_forget: bool,
+}
+
+impl Default for SfronSection {
+    fn default() -> Self {
+        SfronSection {
+            forget_every: 5,
+            alpha: 25.0,
+            clip: 7.0,
+            lambda: 0.5,
+            gamma: 1.0,
+            beta: 1.0,
+            saliency: SaliencyName::Hard,
+            soft_max: 100.0,
+            fisher_batch: 0,
+            fisher_remain_batches: 0,
+            fisher_cache: String::new(),
+            freeze_bn_on_forget: false,
         }
     }
 }

@@ -315,6 +315,12 @@ impl BatchStream {
         Ok(batch)
     }
 
+    /// Every rank's samples of the batch [`BatchStream::next_batch`] returns next.
+    pub fn next_global(&mut self) -> Vec<usize> {
+        self.sampler
+            .global_batch(self.taken.epoch, self.taken.batch)
+    }
+
     /// Position after the last batch taken.
     pub fn cursor(&self) -> Cursor {
         self.taken

@@ -238,6 +238,25 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// Detached copies of the parameters (e.g. the slow weights' θ_prev).
+    pub fn param_copies(&self) -> Vec<Tensor> {
+        self.params.iter().map(|p| p.detach().copy()).collect()
+    }
+
+    /// Copies of the BatchNorm running statistics.
+    pub fn buffer_copies(&self) -> Vec<Tensor> {
+        self.buffers.iter().map(Tensor::copy).collect()
+    }
+
+    /// Puts back statistics saved by [`Engine::buffer_copies`].
+    pub fn restore_buffers(&mut self, saved: &[Tensor]) {
+        tch::no_grad(|| {
+            for (b, v) in self.buffers.iter().zip(saved) {
+                b.shallow_clone().copy_(v);
+            }
+        });
+    }
+
     /// Copies rank 0's BatchNorm buffers to every rank (rank 0 is the authority).
     pub fn sync_buffers(&mut self) -> Result<()> {
         if self.comm.size() == 1 || self.buffers.is_empty() {

@@ -91,3 +91,22 @@ pub fn test_seed(what: &str) -> u64 {
     println!("{what}: SFRON_TEST_SEED={seed}");
     seed
 }
+
+/// Norm-wise relative difference `‖a − b‖₂ / ‖b‖₂` over the tensors whose
+/// names start with `prefix` (all of them for ""), in two weight files.
+#[allow(dead_code)]
+pub fn relative_l2_difference(a: &std::path::Path, b: &std::path::Path, prefix: &str) -> f64 {
+    let (ta, tb) = (tensors(a), tensors(b));
+    let (mut num, mut den) = (0f64, 0f64);
+    for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb, "different tensors");
+        if !na.starts_with(prefix) {
+            continue;
+        }
+        for (p, q) in x.iter().zip(y) {
+            num += (*p as f64 - *q as f64).powi(2);
+            den += (*q as f64).powi(2);
+        }
+    }
+    (num / den.max(1e-300)).sqrt()
+}

@@ -1,0 +1,244 @@
+//! SFR-on's saliency (DESIGN §1.1): diagonal empirical Fisher of batch-mean
+//! cross-entropy gradients over the forget and remain sets, and the mask.
+//!
+//! Each Fisher term is the square of one *global* batch's mean gradient: every
+//! rank back-propagates the summed loss of its share, the engine all-reduces
+//! the shares and divides by the global count, and only then is the result
+//! squared. So the Fisher, and the mask, do not depend on the rank count.
+//! The model is in eval mode (BatchNorm uses its running statistics) and the
+//! inputs carry the training transforms, as released.
+//!
+//! The Fisher is cached as safetensors (`forget.<param>`, `remain.<param>`)
+//! with a key of everything it depends on (original weights, split, batch,
+//! cap, seed, transform, architecture); a cache with another key is
+//! recomputed, never used.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use serde_json::json;
+use tch::{Kind, Tensor};
+
+use super::Session;
+use crate::config::Saliency;
+use crate::data::{BatchStream, Cursor, Sampler, Stream};
+use crate::engine::Scale;
+use crate::inputs::Inputs;
+use crate::model::weights;
+
+/// Metadata key of the cache's identity.
+const KEY: &str = "sfron.fisher.key";
+/// Added to both Fishers before the ratio (DESIGN §1.1).
+const EPS: f64 = 1e-15;
+
+/// Both diagonal Fishers, flat in the engine's parameter order.
+pub struct Fisher {
+    pub forget: Tensor,
+    pub remain: Tensor,
+    /// Global batches each average.
+    pub batches: (u64, u64),
+    pub reused: bool,
+    pub seconds: f64,
+}
+
+/// The diagonal Fisher over `members`: `(1/N_b) Σ_b (∇ mean_{i∈b} CE_i)²`.
+fn fisher(
+    s: &mut Session,
+    members: Vec<usize>,
+    phase: &str,
+    cap: Option<u64>,
+) -> Result<(Tensor, u64)> {
+    let batch = s.plan.sfron.fisher_batch;
+    let sampler = Sampler::new(members, s.plan.seed, Stream::Eval, batch, true, false);
+    let loader = Inputs::loader(s.plan, &s.inputs.train, &s.plan.data.train_transform);
+    let mut stream = BatchStream::new(
+        sampler,
+        loader,
+        Cursor::default(),
+        s.comm.rank(),
+        s.comm.size(),
+    );
+    let batches = cap.map_or(stream.batches_per_epoch() as u64, |c| {
+        c.min(stream.batches_per_epoch() as u64)
+    });
+    let sum = Tensor::zeros(
+        [s.engine.flat_grad().numel() as i64],
+        (Kind::Float, s.device),
+    );
+    for k in 0..batches {
+        let global = stream.next_global();
+        s.trace(phase, k, &global)?;
+        let b = stream.next_batch()?;
+        s.engine.zero_grad();
+        let local = s.backward_ce_sum(&b, false);
+        let out = s.engine.reduce(local, Scale::MeanOverCount)?;
+        if !out.applied {
+            bail!("{phase} batch {k}: the loss or gradient is not finite (the original model?)");
+        }
+        let g = s.engine.flat_grad();
+        let _ = sum.shallow_clone().addcmul_(&g, &g);
+    }
+    s.engine.zero_grad();
+    Ok((sum / batches.max(1) as f64, batches))
+}
+
+/// What the Fisher depends on: a cache with another key is stale.
+fn cache_key(s: &Session) -> String {
+    let p = &s.plan.sfron;
+    json!({
+        "from": s.from_hash,
+        "split": s.inputs.split_hash(),
+        "arch": s.model.arch.name(),
+        "fisher_batch": p.fisher_batch,
+        "remain_batches": p.fisher_remain_batches,
+        "seed": s.plan.seed,
+        "transform": format!("{:?}", s.plan.data.train_transform),
+        "dataset": s.inputs.train.fingerprint,
+    })
+    .to_string()
+}
+
+fn cache_path(s: &Session) -> PathBuf {
+    s.plan
+        .sfron
+        .fisher_cache
+        .clone()
+        .unwrap_or_else(|| s.plan.run_dir.join("fisher.safetensors"))
+}
+
+/// Reads a cache whose key matches, split into the flat forget and remain Fishers.
+fn read_cache(path: &Path, key: &str, s: &Session) -> Result<Option<(Tensor, Tensor)>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let (tensors, meta) = weights::load(path)?;
+    if meta.get(KEY).map(String::as_str) != Some(key) {
+        tracing::warn!(
+            cache = %path.display(),
+            "the Fisher cache was made for other weights, split or settings: recomputing"
+        );
+        return Ok(None);
+    }
+    let by_name: BTreeMap<_, _> = tensors.into_iter().collect();
+    let flat = |prefix: &str| -> Result<Tensor> {
+        let parts = s
+            .engine
+            .names
+            .iter()
+            .zip(&s.engine.params)
+            .map(|(n, p)| match by_name.get(&format!("{prefix}.{n}")) {
+                Some(t) if t.size() == p.size() => Ok(t.to_kind(Kind::Float).reshape([-1])),
+                _ => bail!(
+                    "{}: no {prefix}.{n} of shape {:?}",
+                    path.display(),
+                    p.size()
+                ),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0).to_device(s.device))
+    };
+    Ok(Some((flat("forget")?, flat("remain")?)))
+}
+
+/// Splits a flat tensor into named tensors of the parameters' shapes.
+pub fn unflatten(s: &Session, flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
+    let mut offset = 0;
+    s.engine
+        .names
+        .iter()
+        .zip(&s.engine.params)
+        .map(|(n, p)| {
+            let len = p.numel() as i64;
+            let t = flat.narrow(0, offset, len).view(p.size().as_slice());
+            offset += len;
+            (format!("{prefix}{n}"), t)
+        })
+        .collect()
+}
+
+/// The Fisher over the forget and remain sets: from a matching cache (rank 0
+/// reads it, every rank receives it), else computed and cached.
+pub fn fisher_pair(s: &mut Session) -> Result<Fisher> {
+    let started = Instant::now();
+    let key = cache_key(s);
+    let path = cache_path(s);
+    let cached = if s.comm.is_root() {
+        match read_cache(&path, &key, s) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(cache = %path.display(), "unreadable Fisher cache, recomputing: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut hit = [u8::from(cached.is_some())];
+    s.comm.broadcast(&mut hit, 0);
+    if hit[0] == 1 {
+        let n = s.engine.flat_grad().numel() as i64;
+        let (mut forget, mut remain) = cached.unwrap_or_else(|| {
+            let z = || Tensor::zeros([n], (Kind::Float, s.device));
+            (z(), z())
+        });
+        s.comm.broadcast_tensor(&mut forget, 0)?;
+        s.comm.broadcast_tensor(&mut remain, 0)?;
+        tracing::info!(cache = %path.display(), "reusing the Fisher cache (same weights, split and settings)");
+        return Ok(Fisher {
+            forget,
+            remain,
+            batches: (0, 0),
+            reused: true,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    let (forget_set, remain_set) = (s.inputs.forget(), s.inputs.remain());
+    let cap = s.plan.sfron.fisher_remain_batches;
+    let (forget, nf) = fisher(s, forget_set, "fisher_forget", None)?;
+    let (remain, nr) = fisher(s, remain_set, "fisher_remain", cap)?;
+    if s.comm.is_root() {
+        let mut tensors = unflatten(s, &forget, "forget.");
+        tensors.extend(unflatten(s, &remain, "remain."));
+        let mut meta = BTreeMap::new();
+        meta.insert(KEY.to_string(), key);
+        meta.insert(
+            "sfron.fisher.batches".into(),
+            format!("{nf} forget, {nr} remain"),
+        );
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        weights::save(&path, &tensors, &meta)?;
+    }
+    Ok(Fisher {
+        forget,
+        remain,
+        batches: (nf, nr),
+        reused: false,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The mask (or soft weights) of `rule`, flat; `None` for `Saliency::None`.
+/// `S = (F_f + 1e-15) / (F_r + 1e-15)`.
+pub fn mask(fisher: &Fisher, rule: Saliency) -> Option<Tensor> {
+    let ratio = || (&fisher.forget + EPS) / (&fisher.remain + EPS);
+    match rule {
+        Saliency::Hard { gamma } => Some(ratio().ge(gamma).to_kind(Kind::Float)),
+        Saliency::Soft { max } => Some(ratio().clamp_max(max)),
+        Saliency::None => None,
+    }
+}
+
+/// Per-parameter fraction of mask entries that are non-zero (the kept share).
+pub fn kept(s: &Session, mask: &Tensor) -> Vec<(String, f64)> {
+    unflatten(s, mask, "")
+        .into_iter()
+        .map(|(n, t)| {
+            let nz = t.ne(0.0).sum(Kind::Float).double_value(&[]);
+            (n, nz / t.numel().max(1) as f64)
+        })
+        .collect()
+}
