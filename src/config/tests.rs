@@ -347,3 +347,23 @@ fn set_values_nan_and_inf_stay_strings() {
     .unwrap();
     assert_eq!(loaded.raw.run.name, "nan");
 }
+
+#[test]
+fn every_shipped_preset_gives_a_valid_plan() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let loaded = load(&Layers {
+                file: Some(path.clone()),
+                ..Layers::default()
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            RunPlan::new(loaded, &Topology::single(), 2)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 5, "only {seen} presets in configs/");
+}
