@@ -544,6 +544,27 @@ fn unlearning(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             );
         }
     }
+
+    // SIGTERM on rank 1 of 2 during iteration 6 (it has a forget step): exit 75,
+    // then the same command resumes and ends bit-identical to u-forty-2.
+    let (_, forty) = &splits[0];
+    let mut cut = unlearn_cmd(2, run_root, "u-cut", &original, forty);
+    cut.args(["--fault-signal-at", "6", "--fault-rank", "1"]);
+    let first = run(cut, limit);
+    let resumed = run(unlearn_cmd(2, run_root, "u-cut", &original, forty), limit);
+    let same = first.code == Some(75)
+        && resumed.code == Some(0)
+        && resumed.stderr.contains("resuming")
+        && support::same_bits(&weights(run_root, "u-forty-2"), &weights(run_root, "u-cut"));
+    report(
+        "sfron_sigterm_on_rank1_exits_75_and_resumes_bit_identical_np2",
+        same,
+        if first.code == Some(75) {
+            &resumed
+        } else {
+            &first
+        },
+    );
 }
 
 fn driver() -> i32 {
