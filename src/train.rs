@@ -331,7 +331,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         };
     }
     // Rank 0 is the authority: every rank starts from its state.
-    engine.broadcast_state()?;
+    let _ = engine.broadcast_state()?;
 
     let mut sampler = Sampler::new(
         members.clone(),

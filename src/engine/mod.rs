@@ -90,6 +90,9 @@ pub struct Engine<'a> {
     pub skips_in_row: u32,
     pub skips_total: u64,
     stop: signals::StopFlag,
+    /// Seconds spent in the gradient all-reduce and the buffer broadcast
+    /// (the distribution scheme's cost), since the engine was made.
+    pub comm_seconds: f64,
 }
 
 impl<'a> Engine<'a> {
@@ -133,6 +136,7 @@ impl<'a> Engine<'a> {
             skips_in_row: 0,
             skips_total: 0,
             stop,
+            comm_seconds: 0.0,
         }
     }
 
@@ -182,7 +186,9 @@ impl<'a> Engine<'a> {
             f32::from(u8::from(asked)),
         ]);
         self.flat.narrow(0, self.numel, TAIL).copy_(&tail);
+        let t0 = std::time::Instant::now();
         self.comm.sum_tensor(&mut self.flat)?;
+        self.comm_seconds += t0.elapsed().as_secs_f64();
         let tail: Vec<f32> = Vec::try_from(
             self.flat
                 .narrow(0, self.numel, TAIL)
@@ -262,16 +268,23 @@ impl<'a> Engine<'a> {
         if self.comm.size() == 1 || self.buffers.is_empty() {
             return Ok(());
         }
-        broadcast_all(self.comm, &self.buffers)
+        let t0 = std::time::Instant::now();
+        broadcast_all(self.comm, &self.buffers)?;
+        self.comm_seconds += t0.elapsed().as_secs_f64();
+        Ok(())
     }
 
-    /// Copies rank 0's whole state (parameters and buffers) to every rank.
-    pub fn broadcast_state(&mut self) -> Result<()> {
+    /// Copies rank 0's whole state (parameters and buffers) to every rank;
+    /// returns the seconds it took (what the reduce → rank-0 update →
+    /// broadcast scheme would pay at every step on top of the reduction).
+    pub fn broadcast_state(&mut self) -> Result<f64> {
         if self.comm.size() == 1 {
-            return Ok(());
+            return Ok(0.0);
         }
+        let t0 = std::time::Instant::now();
         broadcast_all(self.comm, &self.params)?;
-        broadcast_all(self.comm, &self.buffers)
+        broadcast_all(self.comm, &self.buffers)?;
+        Ok(t0.elapsed().as_secs_f64())
     }
 
     /// Fails unless every rank holds bit-identical parameters and buffers.

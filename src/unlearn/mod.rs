@@ -333,7 +333,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             ..saved
         };
     }
-    s.engine.broadcast_state()?;
+    let broadcast_s = s.engine.broadcast_state()?;
 
     let mut checkpoints = train::open_run_dir(comm, plan, &s.inputs)?;
     if comm.is_root()
@@ -383,6 +383,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     method.prepare(&mut s, &mut progress)?;
 
     let mut windows = (Window::default(), Window::default(), Instant::now(), 0u64);
+    let mut comm_mark = s.engine.comm_seconds;
     let mut t = start;
     while t < end {
         let it = match method.iteration(&mut s, t) {
@@ -407,8 +408,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
                 "forget_loss": windows.0.loss(), "forget_acc": windows.0.acc(),
                 "remain_loss": windows.1.loss(), "remain_acc": windows.1.acc(),
                 "iteration_ms": 1e3 * secs / windows.3.max(1) as f64,
+                "comm_ms": 1e3 * (s.engine.comm_seconds - comm_mark) / windows.3.max(1) as f64,
                 "skipped": s.engine.skips_total,
             });
+            comm_mark = s.engine.comm_seconds;
             progress.show(
                 t,
                 &format!(
@@ -482,6 +485,11 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             "split": split, "iterations": end, "seconds": elapsed, "ranks": comm.size(),
             "forget_acc": f.accuracy(), "remain_acc": r.accuracy(), "test_acc": te.accuracy(),
             "before": state.before,
+            // The distribution scheme's cost in this run (DESIGN §1.4): time in
+            // the all-reduces and buffer broadcasts, and what one broadcast of
+            // the whole state took (the rank-0-update alternative's extra cost
+            // per step).
+            "comm_seconds": s.engine.comm_seconds, "state_broadcast_seconds": broadcast_s,
         });
         crate::fsx::write_atomic(
             &plan.run_dir.join("unlearn.json"),

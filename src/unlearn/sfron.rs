@@ -76,7 +76,9 @@ impl Sfron {
             };
         }
         // ε_i = c_i / Σ_j c_j over the global batch.
+        let t0 = std::time::Instant::now();
         let c_total = s.comm.sum_scalar(c_sum);
+        s.engine.comm_seconds += t0.elapsed().as_secs_f64();
         if let Some(w) = weighted {
             (w * (-alpha / c_total)).backward();
         }
