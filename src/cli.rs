@@ -186,6 +186,10 @@ pub struct FaultArgs {
     /// Test-only: rank `--fault-rank` perturbs its weights after this step.
     #[arg(long, hide = true)]
     pub fault_perturb_at: Option<u64>,
+    /// Test-only: rank `--fault-rank` sends itself SIGTERM during the remain
+    /// Fisher pass (unlearn).
+    #[arg(long, hide = true)]
+    pub fault_signal_in_fisher: bool,
     /// Test-only: the rank the faults hit.
     #[arg(long, hide = true, default_value_t = 0)]
     pub fault_rank: usize,

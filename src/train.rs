@@ -78,6 +78,8 @@ pub struct Faults {
     pub signal_at: Option<u64>,
     /// Perturb this rank's weights after this step (the verify check must catch it).
     pub perturb_at: Option<u64>,
+    /// Send SIGTERM to this rank during the remain Fisher pass (unlearn).
+    pub signal_in_fisher: bool,
     pub rank: usize,
 }
 
@@ -87,6 +89,7 @@ impl Faults {
             nan_at: args.fault_nan_at,
             signal_at: args.fault_signal_at,
             perturb_at: args.fault_perturb_at,
+            signal_in_fisher: args.fault_signal_in_fisher,
             rank: args.fault_rank,
         }
     }
@@ -101,6 +104,14 @@ impl Faults {
             let _ = g.view([-1]).narrow(0, 0, 1).fill_(f64::NAN);
         }
         if self.signal_at == Some(step) {
+            // SAFETY: raising a signal we handle with an atomic store.
+            unsafe { libc::raise(libc::SIGTERM) };
+        }
+    }
+
+    /// Inside a Fisher pass: SIGTERM on the faulty rank if asked.
+    pub fn in_fisher(&self, rank: usize) {
+        if rank == self.rank && self.signal_in_fisher {
             // SAFETY: raising a signal we handle with an atomic store.
             unsafe { libc::raise(libc::SIGTERM) };
         }

@@ -304,6 +304,34 @@ fn interrupted_and_resumed_ends_bit_identical() {
         ),
         "resumed after SIGTERM at iteration {at}: weights differ from the straight run"
     );
+
+    // A stop during the (long, at scale) Fisher pass ends the job promptly
+    // as resumable, caching nothing; the rerun does the whole run.
+    let early = small(&root, "early", "mnist_cnn");
+    let o = unlearn(
+        &early,
+        &f.original("mnist_cnn"),
+        &f.split(),
+        &["--fault-signal-in-fisher"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(75),
+        "SIGTERM in the Fisher pass:\n{}",
+        text(&o)
+    );
+    assert!(
+        !root.join("early/fisher.safetensors").exists(),
+        "a partial Fisher was cached"
+    );
+    ok(
+        &unlearn(&early, &f.original("mnist_cnn"), &f.split(), &[]),
+        "rerun",
+    );
+    assert!(same_bits(
+        &root.join("straight/model.safetensors"),
+        &root.join("early/model.safetensors")
+    ));
 }
 
 /// The `saliency` record of a run's metrics.

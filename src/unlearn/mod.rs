@@ -65,8 +65,9 @@ impl Iteration {
 /// An unlearning rule: what happens before the loop and in iteration `t`.
 pub trait Method {
     /// Runs before the first iteration, and again on resume (e.g. the
-    /// saliency mask, which a cache makes cheap the second time).
-    fn prepare(&mut self, s: &mut Session, progress: &mut Progress) -> Result<()>;
+    /// saliency mask, which a cache makes cheap the second time). `false`:
+    /// a stop was requested meanwhile (SIGTERM/SIGUSR1), exit as resumable.
+    fn prepare(&mut self, s: &mut Session, progress: &mut Progress) -> Result<bool>;
     /// Iteration `t` of `s.iterations()`.
     fn iteration(&mut self, s: &mut Session, t: u64) -> Result<Iteration>;
 }
@@ -380,7 +381,13 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     let mut method: Box<dyn Method> = match u.method {
         UnlearnMethod::Sfron => Box::new(sfron::Sfron::new(plan.sfron.clone())),
     };
-    method.prepare(&mut s, &mut progress)?;
+    if !method.prepare(&mut s, &mut progress)? {
+        // Nothing of the loop has happened since the last checkpoint (if any).
+        comm.barrier();
+        progress.finish();
+        tracing::warn!("stop requested while preparing: exiting as resumable");
+        return Ok(Status::Preempted);
+    }
 
     let mut windows = (Window::default(), Window::default(), Instant::now(), 0u64);
     let mut comm_mark = s.engine.comm_seconds;

@@ -43,13 +43,14 @@ pub struct Fisher {
     pub seconds: f64,
 }
 
-/// The diagonal Fisher over `members`: `(1/N_b) Σ_b (∇ mean_{i∈b} CE_i)²`.
+/// The diagonal Fisher over `members`: `(1/N_b) Σ_b (∇ mean_{i∈b} CE_i)²`;
+/// `None` when a stop was requested (all ranks agree in the reduction).
 fn fisher(
     s: &mut Session,
     members: Vec<usize>,
     phase: &str,
     cap: Option<u64>,
-) -> Result<(Tensor, u64)> {
+) -> Result<Option<(Tensor, u64)>> {
     let batch = s.plan.sfron.fisher_batch;
     let sampler = Sampler::new(members, s.plan.seed, Stream::Eval, batch, true, false);
     let loader = Inputs::loader(s.plan, &s.inputs.train, &s.plan.data.train_transform);
@@ -73,7 +74,14 @@ fn fisher(
         let b = stream.next_batch()?;
         s.engine.zero_grad();
         let local = s.backward_ce_sum(&b, false);
+        if phase == "fisher_remain" && k == 0 {
+            s.faults.in_fisher(s.comm.rank());
+        }
         let out = s.engine.reduce(local, Scale::MeanOverCount)?;
+        if out.stop {
+            s.engine.zero_grad();
+            return Ok(None);
+        }
         if !out.applied {
             bail!("{phase} batch {k}: the loss or gradient is not finite (the original model?)");
         }
@@ -81,7 +89,7 @@ fn fisher(
         let _ = sum.shallow_clone().addcmul_(&g, &g);
     }
     s.engine.zero_grad();
-    Ok((sum / batches.max(1) as f64, batches))
+    Ok(Some((sum / batches.max(1) as f64, batches)))
 }
 
 /// What the Fisher depends on: a cache with another key is stale.
@@ -159,8 +167,10 @@ pub fn unflatten(s: &Session, flat: &Tensor, prefix: &str) -> Vec<(String, Tenso
 }
 
 /// The Fisher over the forget and remain sets: from a matching cache (rank 0
-/// reads it, every rank receives it), else computed and cached.
-pub fn fisher_pair(s: &mut Session) -> Result<Fisher> {
+/// reads it, every rank receives it), else computed and cached. `None`: a
+/// stop was requested during the passes (nothing is cached; a rerun
+/// computes them again).
+pub fn fisher_pair(s: &mut Session) -> Result<Option<Fisher>> {
     let started = Instant::now();
     let key = cache_key(s);
     let path = cache_path(s);
@@ -186,18 +196,22 @@ pub fn fisher_pair(s: &mut Session) -> Result<Fisher> {
         s.comm.broadcast_tensor(&mut forget, 0)?;
         s.comm.broadcast_tensor(&mut remain, 0)?;
         tracing::info!(cache = %path.display(), "reusing the Fisher cache (same weights, split and settings)");
-        return Ok(Fisher {
+        return Ok(Some(Fisher {
             forget,
             remain,
             batches: (0, 0),
             reused: true,
             seconds: started.elapsed().as_secs_f64(),
-        });
+        }));
     }
     let (forget_set, remain_set) = (s.inputs.forget(), s.inputs.remain());
     let cap = s.plan.sfron.fisher_remain_batches;
-    let (forget, nf) = fisher(s, forget_set, "fisher_forget", None)?;
-    let (remain, nr) = fisher(s, remain_set, "fisher_remain", cap)?;
+    let Some((forget, nf)) = fisher(s, forget_set, "fisher_forget", None)? else {
+        return Ok(None);
+    };
+    let Some((remain, nr)) = fisher(s, remain_set, "fisher_remain", cap)? else {
+        return Ok(None);
+    };
     if s.comm.is_root() {
         let mut tensors = unflatten(s, &forget, "forget.");
         tensors.extend(unflatten(s, &remain, "remain."));
@@ -212,13 +226,13 @@ pub fn fisher_pair(s: &mut Session) -> Result<Fisher> {
         }
         weights::save(&path, &tensors, &meta)?;
     }
-    Ok(Fisher {
+    Ok(Some(Fisher {
         forget,
         remain,
         batches: (nf, nr),
         reused: false,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    }))
 }
 
 /// The mask (or soft weights) of `rule`, flat; `None` for `Saliency::None`.

@@ -106,11 +106,13 @@ impl Sfron {
 }
 
 impl Method for Sfron {
-    fn prepare(&mut self, s: &mut Session, progress: &mut Progress) -> Result<()> {
+    fn prepare(&mut self, s: &mut Session, progress: &mut Progress) -> Result<bool> {
         if self.plan.saliency == Saliency::None {
-            return Ok(());
+            return Ok(true);
         }
-        let fisher: Fisher = saliency::fisher_pair(s)?;
+        let Some(fisher): Option<Fisher> = saliency::fisher_pair(s)? else {
+            return Ok(false);
+        };
         let mask = saliency::mask(&fisher, self.plan.saliency).expect("a masking rule");
         let kept = saliency::kept(s, &mask);
         let total: f64 = mask.ne(0.0).sum(Kind::Float).double_value(&[]) / mask.numel() as f64;
@@ -142,7 +144,7 @@ impl Method for Sfron {
             )?;
         }
         self.mask = Some(mask);
-        Ok(())
+        Ok(true)
     }
 
     fn iteration(&mut self, s: &mut Session, t: u64) -> Result<Iteration> {
