@@ -137,11 +137,12 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
     train.log_every = 0;
     train.eval_every = 0;
     train.verify_every = 0;
-    let init = plan
-        .model
-        .init
-        .as_ref()
-        .map(|p| std::fs::read(p).map(|b| sha256_hex(&b)).unwrap_or_default());
+    let init = plan.model.init.as_ref().map(|p| {
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| weights::content_digest(&b).ok())
+            .unwrap_or_default()
+    });
     let recipe = json!({
         "command": command,
         "seed": plan.seed,

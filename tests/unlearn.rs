@@ -305,6 +305,21 @@ fn interrupted_and_resumed_ends_bit_identical() {
         "resumed after SIGTERM at iteration {at}: weights differ from the straight run"
     );
 
+    // The same weights saved again (other metadata, other bytes) are the same
+    // original: the finished run is resumed, not refused.
+    let resaved = root.join("resaved.safetensors");
+    let o = Command::new(python())
+        .args(["-c", "import sys; from safetensors.torch import load_file, save_file; \
+                      save_file(load_file(sys.argv[1]), sys.argv[2], metadata={'saved_by': 'pytorch'})"])
+        .arg(f.original("mnist_cnn"))
+        .arg(&resaved)
+        .output()
+        .expect("re-save the original with PyTorch");
+    ok(&o, "re-saving the original");
+    let o = unlearn(&straight, &resaved, &f.split(), &[]);
+    ok(&o, "rerun from the re-saved original");
+    assert!(text(&o).contains("resuming"), "{}", text(&o));
+
     // A stop during the (long, at scale) Fisher pass ends the job promptly
     // as resumable, caching nothing; the rerun does the whole run.
     let early = small(&root, "early", "mnist_cnn");

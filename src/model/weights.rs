@@ -153,6 +153,18 @@ pub fn load(path: &Path) -> Result<Loaded, WeightsError> {
     from_bytes(&bytes).map_err(|e| file_err(path, e))
 }
 
+/// The identity of a weights file's content: the digest of every tensor's
+/// name, dtype, shape and bytes. Unlike a hash of the file, it does not
+/// change when the same weights are saved again (safetensors writes the
+/// metadata in no fixed order) or carry other metadata.
+pub fn content_digest(bytes: &[u8]) -> Result<String, String> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| format!("not a complete safetensors file ({e})"))?;
+    Ok(digest(st.tensors().iter().map(|(n, v)| {
+        (n.as_str(), v.dtype(), v.shape(), v.data())
+    })))
+}
+
 pub fn from_bytes(bytes: &[u8]) -> Result<Loaded, String> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| format!("not a complete safetensors file ({e})"))?;

@@ -29,7 +29,7 @@ use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, schedule};
 use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
-use crate::model::Model;
+use crate::model::{Model, weights};
 use crate::train::{self, Faults, MODEL_FILE, RunState, STATE_FILE, Status};
 
 /// One of the two data streams of an unlearning run.
@@ -282,7 +282,11 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     }
     let from_bytes = std::fs::read(&from)
         .with_context(|| format!("reading {} (unlearn.from)", from.display()))?;
-    let from_hash = format!("sha256:{}", sha256_hex(&from_bytes));
+    let from_hash = format!(
+        "sha256:{}",
+        weights::content_digest(&from_bytes)
+            .map_err(|e| anyhow::anyhow!("{} (unlearn.from): {e}", from.display()))?
+    );
     let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
     model.load(&from)?;
     let command = format!("unlearn:{}", u.method.as_str());
