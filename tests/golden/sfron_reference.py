@@ -14,6 +14,7 @@ slow weights) with torch.optim's SGD or AdamW. Then compares with sfron's
 DIR/fisher.safetensors, DIR/mask.safetensors and DIR/model.safetensors and
 prints the largest relative differences as JSON. Exits 1 when one exceeds
 1e-5 (the mask: any disagreement where S is not within 1e-4 of gamma).
+SFRON_REFERENCE_VERBOSE=1 also prints each tensor's difference to stderr.
 """
 
 import argparse
