@@ -2,11 +2,12 @@
 //! eval mode; the counts are summed across ranks.
 
 use anyhow::Result;
-use tch::{Device, Kind};
+use tch::Device;
 
 use crate::comm::Comm;
 use crate::data::sampler::{Sampler, Stream};
 use crate::data::{Batch, Loader};
+use crate::engine::correct;
 use crate::model::Model;
 
 /// Loss and accuracy of a sample list, summed over every rank.
@@ -57,9 +58,8 @@ pub fn score(
             let logits = model.forward_t(&b.images.to_device(device), false);
             let labels = b.labels.to_device(device);
             let loss = logits.cross_entropy_for_logits(&labels) * b.len() as f64;
-            let correct = logits.argmax(-1, false).eq_tensor(&labels).sum(Kind::Float);
             local[0] += loss.double_value(&[]);
-            local[1] += correct.double_value(&[]);
+            local[1] += correct(&logits, &labels);
             local[2] += b.len() as f64;
         });
     }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Tensor};
 
 use crate::cli::FaultArgs;
 use crate::comm::Comm;
@@ -23,7 +23,7 @@ use crate::data::{BatchStream, Cursor, Sampler, Stream};
 use crate::engine::checkpoint::{self, Checkpointer, Restored};
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
-use crate::engine::{Engine, Local, Optimizer, Scale, schedule};
+use crate::engine::{Engine, Optimizer, Scale, backward_ce_sum, schedule};
 use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
@@ -394,23 +394,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         let t0 = Instant::now();
         let batch = stream.next_batch()?;
         engine.zero_grad();
-        let mut local = Local::default();
-        if !batch.is_empty() {
-            let x = batch.images.to_device(device);
-            let y = batch.labels.to_device(device);
-            let logits = model.forward_t(&x, true);
-            let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
-            loss.backward();
-            local = Local {
-                loss_sum: loss.double_value(&[]),
-                correct: logits
-                    .argmax(-1, false)
-                    .eq_tensor(&y)
-                    .sum(Kind::Float)
-                    .double_value(&[]),
-                count: batch.len() as f64,
-            };
-        }
+        let local = backward_ce_sum(&model, &batch, device, true);
         faults.before_reduce(comm.rank(), step, &engine.params);
         let lr = schedule::rate(&t.schedule, t.lr, step, total, t.warmup_steps, per_epoch);
         let mut out = engine.reduce(local, Scale::MeanOverCount)?;

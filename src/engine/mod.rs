@@ -26,9 +26,10 @@ pub mod signals;
 
 use anyhow::{Result, bail};
 use sha2::{Digest, Sha256};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::comm::Comm;
+use crate::data::Batch;
 use crate::model::Model;
 pub use optim::Optimizer;
 
@@ -299,6 +300,34 @@ impl<'a> Engine<'a> {
         }
         Ok(())
     }
+}
+
+/// Forward `batch` in train or eval mode, then back-propagate the *sum* of
+/// the cross-entropy over its rows; returns this rank's statistics. An empty
+/// share contributes nothing (and must still join the reduction).
+pub fn backward_ce_sum(model: &Model, batch: &Batch, device: Device, train: bool) -> Local {
+    if batch.is_empty() {
+        return Local::default();
+    }
+    let x = batch.images.to_device(device);
+    let y = batch.labels.to_device(device);
+    let logits = model.forward_t(&x, train);
+    let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
+    loss.backward();
+    Local {
+        loss_sum: loss.double_value(&[]),
+        correct: correct(&logits, &y),
+        count: batch.len() as f64,
+    }
+}
+
+/// Correct predictions among `logits` rows.
+pub fn correct(logits: &Tensor, labels: &Tensor) -> f64 {
+    logits
+        .argmax(-1, false)
+        .eq_tensor(labels)
+        .sum(Kind::Float)
+        .double_value(&[])
 }
 
 /// SHA-256 of the tensors' bytes, in order.

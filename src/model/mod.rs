@@ -70,7 +70,12 @@ impl Model {
     /// Loads weights saved by sfron or exported from PyTorch. A file that
     /// names another architecture in its metadata is refused.
     pub fn load(&mut self, path: &Path) -> Result<(), WeightsError> {
-        let (tensors, metadata) = weights::load(path)?;
+        self.load_bytes(&weights::read(path)?, path)
+    }
+
+    /// [`Model::load`] of a file's bytes already read (`path` names it in errors).
+    pub fn load_bytes(&mut self, bytes: &[u8], path: &Path) -> Result<(), WeightsError> {
+        let (tensors, metadata) = weights::parse(bytes, path)?;
         if let Some(saved) = metadata.get("sfron.arch")
             && *saved != self.arch.name()
         {

@@ -149,8 +149,17 @@ pub fn save(
 /// Reads every tensor and the metadata of a safetensors file, verifying the
 /// digest when there is one.
 pub fn load(path: &Path) -> Result<Loaded, WeightsError> {
-    let bytes = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
-    from_bytes(&bytes).map_err(|e| file_err(path, e))
+    parse(&read(path)?, path)
+}
+
+/// The bytes of the weights file at `path`.
+pub fn read(path: &Path) -> Result<Vec<u8>, WeightsError> {
+    std::fs::read(path).map_err(|e| file_err(path, e.to_string()))
+}
+
+/// [`from_bytes`] of a file's bytes, errors naming `path`.
+pub fn parse(bytes: &[u8], path: &Path) -> Result<Loaded, WeightsError> {
+    from_bytes(bytes).map_err(|e| file_err(path, e))
 }
 
 /// The identity of a weights file's content: the digest of every tensor's

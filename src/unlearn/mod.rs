@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Tensor};
 
 use crate::cli::UnlearnArgs;
 use crate::comm::Comm;
@@ -25,7 +25,7 @@ use crate::config::raw::UnlearnMethod;
 use crate::data::{Batch, BatchStream, Cursor, Sampler, Stream};
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
-use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, schedule};
+use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, backward_ce_sum, schedule};
 use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
@@ -85,7 +85,7 @@ pub struct Session<'a> {
     pub engine: Engine<'a>,
     pub forget: BatchStream,
     pub remain: BatchStream,
-    /// sha256 of the original weights file.
+    /// Content digest of the original weights ([`weights::content_digest`]).
     pub from_hash: String,
     pub faults: Faults,
     trace: Option<Trace>,
@@ -103,15 +103,18 @@ impl Session<'_> {
 
     /// This rank's share of the next global batch of `which`.
     pub fn next(&mut self, which: Which, t: u64) -> Result<Batch> {
-        let stream = match which {
+        if self.trace.is_some() {
+            let indices = self.stream(which).next_global();
+            self.trace(which.name(), t, &indices)?;
+        }
+        Ok(self.stream(which).next_batch()?)
+    }
+
+    fn stream(&mut self, which: Which) -> &mut BatchStream {
+        match which {
             Which::Forget => &mut self.forget,
             Which::Remain => &mut self.remain,
-        };
-        if let Some(trace) = &mut self.trace {
-            let line = json!({"phase": which.name(), "t": t, "indices": stream.next_global()});
-            writeln!(trace.0, "{line}")?;
         }
-        Ok(stream.next_batch()?)
     }
 
     /// Records a global batch read outside the two streams (e.g. a Fisher pass).
@@ -133,45 +136,17 @@ impl Session<'_> {
         self.engine.reduce(local, scale)
     }
 
-    /// Forward in train or eval mode, then the *sum* of the cross-entropy
-    /// over this rank's rows, back-propagated; returns its statistics.
-    /// An empty share contributes nothing (and still joins the reduction).
-    pub fn backward_ce_sum(&mut self, batch: &Batch, train: bool) -> Local {
-        if batch.is_empty() {
-            return Local::default();
-        }
-        let x = batch.images.to_device(self.device);
-        let y = batch.labels.to_device(self.device);
-        let logits = self.model.forward_t(&x, train);
-        let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
-        loss.backward();
-        Local {
-            loss_sum: loss.double_value(&[]),
-            correct: correct(&logits, &y),
-            count: batch.len() as f64,
-        }
-    }
-
     /// A plain remain step: the mean cross-entropy of the next global remain
     /// batch (train mode), reduced, then the optimizer step at `lr`.
     pub fn remain_step(&mut self, t: u64, lr: f64) -> Result<Outcome> {
         let batch = self.next(Which::Remain, t)?;
         self.engine.zero_grad();
-        let local = self.backward_ce_sum(&batch, true);
+        let local = backward_ce_sum(&self.model, &batch, self.device, true);
         let mut out = self.reduce(local, Scale::MeanOverCount, t)?;
         self.engine
             .step(&mut out, lr, &format!("iteration {t} (remain step)"))?;
         Ok(out)
     }
-}
-
-/// Correct predictions among `logits` rows.
-pub fn correct(logits: &Tensor, labels: &Tensor) -> f64 {
-    logits
-        .argmax(-1, false)
-        .eq_tensor(labels)
-        .sum(Kind::Float)
-        .double_value(&[])
 }
 
 /// The hash of what determines an unlearning run's result.
@@ -280,15 +255,14 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             split_path.display()
         );
     }
-    let from_bytes = std::fs::read(&from)
-        .with_context(|| format!("reading {} (unlearn.from)", from.display()))?;
+    let from_bytes = weights::read(&from)?;
     let from_hash = format!(
         "sha256:{}",
         weights::content_digest(&from_bytes)
             .map_err(|e| anyhow::anyhow!("{} (unlearn.from): {e}", from.display()))?
     );
     let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
-    model.load(&from)?;
+    model.load_bytes(&from_bytes, &from)?;
     let command = format!("unlearn:{}", u.method.as_str());
     let recipe = recipe_hash(plan, &inputs, &command, &from_hash);
     let split = inputs.split_hash();

@@ -24,7 +24,7 @@ use tch::{Kind, Tensor};
 use super::Session;
 use crate::config::Saliency;
 use crate::data::{BatchStream, Cursor, Sampler, Stream};
-use crate::engine::Scale;
+use crate::engine::{Scale, backward_ce_sum};
 use crate::inputs::Inputs;
 use crate::model::weights;
 
@@ -73,7 +73,7 @@ fn fisher(
         s.trace(phase, k, &global)?;
         let b = stream.next_batch()?;
         s.engine.zero_grad();
-        let local = s.backward_ce_sum(&b, false);
+        let local = backward_ce_sum(&s.model, &b, s.device, false);
         if phase == "fisher_remain" && k == 0 {
             s.faults.in_fisher(s.comm.rank());
         }

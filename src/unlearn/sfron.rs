@@ -25,10 +25,10 @@ use serde_json::json;
 use tch::{Kind, Reduction, Tensor};
 
 use super::saliency::{self, Fisher};
-use super::{Iteration, Method, Session, Which, correct};
+use super::{Iteration, Method, Session, Which};
 use crate::config::{Saliency, SfronPlan};
 use crate::engine::progress::Progress;
-use crate::engine::{Local, Outcome, Scale, schedule};
+use crate::engine::{Local, Outcome, Scale, correct, schedule};
 
 /// Added to `ℓ_i^λ` before the reciprocal (DESIGN §1.2).
 const WEIGHT_EPS: f64 = 1e-15;
