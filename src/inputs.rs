@@ -22,17 +22,8 @@ pub struct Inputs {
 impl Inputs {
     pub fn open(plan: &RunPlan) -> Result<Self> {
         let d = &plan.data;
-        let open = |part: Part| {
-            Dataset::open(d.format, &d.root, part).with_context(|| {
-                format!(
-                    "opening the {} {part:?} data at {} (data.root)",
-                    d.format.name(),
-                    d.root.display()
-                )
-            })
-        };
-        let train = open(Part::Train)?;
-        let test = open(Part::Test)?;
+        let train = Self::open_part(plan, Part::Train)?;
+        let test = Self::open_part(plan, Part::Test)?;
         let split = match &d.split {
             None => None,
             Some(path) => {
@@ -48,6 +39,26 @@ impl Inputs {
             test: Arc::new(test),
             split,
         })
+    }
+
+    /// One part of the plan's dataset, cut to its `data.*_limit`.
+    pub fn open_part(plan: &RunPlan, part: Part) -> Result<Dataset> {
+        let d = &plan.data;
+        let mut ds = Dataset::open(d.format, &d.root, part).with_context(|| {
+            format!(
+                "opening the {} {part:?} data at {} (data.root)",
+                d.format.name(),
+                d.root.display()
+            )
+        })?;
+        let limit = match part {
+            Part::Train => d.train_limit,
+            Part::Test => d.test_limit,
+        };
+        if let Some(n) = limit {
+            ds.limit(n);
+        }
+        Ok(ds)
     }
 
     /// What identifies the training data a run learns from (for recipe hashes).

@@ -17,6 +17,10 @@ pub mod tag {
     pub const SPLIT: u64 = 0x0053_504c_4954;
     /// The validation samples held out of training: `[seed, VALIDATION]`.
     pub const VALIDATION: u64 = 0x0056_414c_4944;
+    /// RL's and SalUn's wrong labels: `[seed, RELABEL, sample]`.
+    pub const RELABEL: u64 = 0x0052_454c_4142_454c;
+    /// Bad Teacher's incompetent teacher: `[seed, TEACHER]` seeds libtorch.
+    pub const TEACHER: u64 = 0x0054_4541_4348_4552;
 }
 
 /// SplitMix64.

@@ -3,16 +3,14 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::config::RunPlan;
-use crate::data::{Dataset, Manifest, Part, Scenario};
+use crate::data::{Manifest, Part, Scenario};
 
 /// Writes the manifest to `out`; returns the summary to print.
 pub fn run(plan: &RunPlan, scenario: &str, out: &Path) -> Result<String> {
-    let d = &plan.data;
-    let train = Dataset::open(d.format, &d.root, Part::Train)
-        .with_context(|| format!("opening the {} training data (data.root)", d.format.name()))?;
+    let train = crate::inputs::Inputs::open_part(plan, Part::Train)?;
     let scenario = Scenario::parse(scenario, plan.seed)?;
     let manifest = Manifest::create(&train, scenario)?;
     manifest.save(out)?;

@@ -308,17 +308,22 @@ fn sfron_args(cmd: &mut Command, run_root: &str) {
 
 const MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
 
-/// `sfron train` under `np` ranks (1 = no mpirun), a short run of 20 steps
-/// at global batch 32 that compares every rank's weight digest after each
-/// step (a difference fails the run).
-fn train_cmd(np: usize, run_root: &str, name: &str, arch: &str, extra: &[&str]) -> Command {
-    let mut cmd = if np == 1 {
+/// The built `sfron` on `np` ranks (1: alone, without mpirun).
+fn sfron_on(np: usize) -> Command {
+    if np == 1 {
         support::sfron_alone()
     } else {
         let mut c = mpirun(np);
         c.arg(env!("CARGO_BIN_EXE_sfron"));
         c
-    };
+    }
+}
+
+/// `sfron train` under `np` ranks (1 = no mpirun), a short run of 20 steps
+/// at global batch 32 that compares every rank's weight digest after each
+/// step (a difference fails the run).
+fn train_cmd(np: usize, run_root: &str, name: &str, arch: &str, extra: &[&str]) -> Command {
+    let mut cmd = sfron_on(np);
     for set in [
         format!("run.root={run_root}"),
         format!("run.name={name}"),
@@ -439,20 +444,14 @@ fn training(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
 /// `sfron unlearn --method sfron` under `np` ranks: 20 iterations at global
 /// remain batch 32 and forget batch 16, weight digests compared every iteration.
 fn unlearn_cmd(np: usize, run_root: &str, name: &str, original: &str, split: &str) -> Command {
-    let mut cmd = if np == 1 {
-        support::sfron_alone()
-    } else {
-        let mut c = mpirun(np);
-        c.arg(env!("CARGO_BIN_EXE_sfron"));
-        c
-    };
+    let mut cmd = sfron_on(np);
     for set in [
         format!("run.root={run_root}"),
         format!("run.name={name}"),
         format!("data.root={MNIST}"),
         "data.workers=0".into(),
         "device.threads=1".into(),
-        "unlearn.iterations=20".into(),
+        "sfron.iterations=20".into(),
         "unlearn.batch=32".into(),
         "unlearn.forget_batch=16".into(),
         "unlearn.verify_every=1".into(),
@@ -567,6 +566,97 @@ fn unlearning(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
     );
 }
 
+/// Every baseline on 1 and 2 ranks (no BatchNorm, the first 600 digits, 30
+/// forgotten, two epochs): the same weights, wrong labels, mask and
+/// incompetent teacher.
+fn baselines(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
+    let limit = Duration::from_secs(240);
+    let original = weights(run_root, "one").display().to_string();
+    let root = std::path::Path::new(run_root);
+    let split = root.join("slice.json").display().to_string();
+    let mut cmd = support::sfron_alone();
+    cmd.args(["--set", &format!("run.root={run_root}")])
+        .args(["--set", &format!("data.root={MNIST}")])
+        .args(["--set", "data.train_limit=600"])
+        .args(["split", "--scenario", "random:0.05", "--out", &split]);
+    let o = run(cmd, limit);
+    if o.code != Some(0) {
+        report("baselines_split", false, &o);
+        return;
+    }
+    for method in [
+        "ft",
+        "ga",
+        "rl",
+        "salun",
+        "bad_teacher",
+        "scrub",
+        "l1_sparse",
+    ] {
+        let name = |np: usize| format!("b-{method}-{np}");
+        let outs: Vec<Outcome> = [1, 2]
+            .iter()
+            .map(|&np| {
+                let mut cmd = sfron_on(np);
+                for set in [
+                    format!("run.root={run_root}"),
+                    format!("run.name={}", name(np)),
+                    format!("data.root={MNIST}"),
+                    "data.train_limit=600".into(),
+                    "data.test_limit=200".into(),
+                    "data.workers=0".into(),
+                    "device.threads=1".into(),
+                    format!("{method}.epochs=2"),
+                    "unlearn.batch=64".into(),
+                    "unlearn.forget_batch=8".into(),
+                    "unlearn.verify_every=1".into(),
+                    "unlearn.eval_before=false".into(),
+                ] {
+                    cmd.args(["--set", &set]);
+                }
+                cmd.args([
+                    "unlearn", "--method", method, "--from", &original, "--split", &split,
+                ]);
+                run(cmd, limit)
+            })
+            .collect();
+        let file = |np: usize, f: &str| root.join(name(np)).join(f);
+        let ok = outs.iter().all(|o| o.code == Some(0));
+        let weights = if ok {
+            support::max_relative_difference(
+                &file(1, "model.safetensors"),
+                &file(2, "model.safetensors"),
+            )
+        } else {
+            f64::INFINITY
+        };
+        let mut same_choices = true;
+        for f in [
+            "mask.safetensors",
+            "bad_teacher.safetensors",
+            "relabels.json",
+        ] {
+            let (a, b) = (file(1, f), file(2, f));
+            if a.exists() {
+                same_choices &= if f.ends_with(".json") {
+                    std::fs::read(&a).ok() == std::fs::read(&b).ok()
+                } else {
+                    b.exists() && support::same_bits(&a, &b)
+                };
+            }
+        }
+        println!(
+            "{method}, 1 vs 2 ranks: weights after two epochs {weights:.3e}, \
+             random choices and mask identical {same_choices}"
+        );
+        report(
+            &format!("{method}_1_rank_equals_2_ranks"),
+            ok && weights <= 1e-5 && same_choices,
+            outs.iter().find(|o| o.code != Some(0)).unwrap_or(&outs[1]),
+        );
+    }
+}
+
 fn driver() -> i32 {
     let run_root = std::env::temp_dir().join(format!("sfron-mpi-test-{}", std::process::id()));
     let run_root = run_root.display().to_string();
@@ -645,6 +735,7 @@ fn driver() -> i32 {
 
     training(&run_root, &mut report);
     unlearning(&run_root, &mut report);
+    baselines(&run_root, &mut report);
 
     let _ = std::fs::remove_dir_all(&run_root);
     println!("\nmpi: {passed} passed, {failed} failed");

@@ -1,6 +1,7 @@
-//! `sfron unlearn --method sfron` in one process: the PyTorch reference of
-//! DESIGN §1.1-1.2 (`tests/golden/sfron_reference.py`), exact resume, the
-//! Fisher cache's staleness rule, bad inputs, and the shipped-MNIST result.
+//! `sfron unlearn` in one process: the PyTorch references of SFR-on (DESIGN
+//! §1.1-1.2, `tests/golden/sfron_reference.py`) and of every baseline (§1.3,
+//! `tests/golden/baselines_reference.py`), exact resume, the Fisher cache's
+//! staleness rule, bad inputs, and the shipped-MNIST result.
 //! (1, 2 and 3 ranks are compared in `tests/mpi.rs`.)
 
 use std::path::{Path, PathBuf};
@@ -76,22 +77,27 @@ fn fixture() -> &'static Fixture {
         }
         let f = Fixture { root };
         for (seed, out) in [(0, f.split()), (1, f.other_split())] {
-            let mut sets = base(&f.root, "split");
-            sets.push(format!("run.seed={seed}"));
-            let o = sfron(
-                &sets,
-                &[
-                    "split",
-                    "--scenario",
-                    "random:0.005",
-                    "--out",
-                    out.to_str().unwrap(),
-                ],
-            );
-            ok(&o, "split");
+            split(&f.root, &format!("run.seed={seed}"), "random:0.005", &out);
         }
         f
     })
+}
+
+/// `sfron split --scenario SCENARIO --out OUT` with one extra `--set`.
+fn split(root: &Path, set: &str, scenario: &str, out: &Path) {
+    let mut sets = base(root, "split");
+    sets.push(set.into());
+    let o = sfron(
+        &sets,
+        &[
+            "split",
+            "--scenario",
+            scenario,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    ok(&o, "split");
 }
 
 /// Small, fast unlearning settings (10 iterations).
@@ -99,7 +105,7 @@ fn small(root: &Path, name: &str, arch: &str) -> Vec<String> {
     let mut s = base(root, name);
     s.extend([
         format!("model.arch={arch}"),
-        "unlearn.iterations=10".into(),
+        "sfron.iterations=10".into(),
         "unlearn.batch=32".into(),
         "unlearn.forget_batch=16".into(),
         "unlearn.log_every=1".into(),
@@ -112,17 +118,7 @@ fn small(root: &Path, name: &str, arch: &str) -> Vec<String> {
 }
 
 fn unlearn(sets: &[String], original: &Path, split: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "unlearn",
-        "--method",
-        "sfron",
-        "--from",
-        original.to_str().unwrap(),
-        "--split",
-        split.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    sfron(sets, &args)
+    unlearn_with("sfron", sets, original, split, extra)
 }
 
 /// One golden case: `settings` as `--set`s and as the reference's JSON.
@@ -186,7 +182,7 @@ const CASES: &[Case] = &[
         arch: "mnist_cnn",
         sets: &[
             ("unlearn.optimizer", "adamw"),
-            ("unlearn.lr", "0.001"),
+            ("sfron.lr", "0.001"),
             ("unlearn.weight_decay", "0.05"),
             ("sfron.saliency", "soft"),
             ("sfron.soft_max", "3.0"),
@@ -272,6 +268,230 @@ fn sfron_matches_the_pytorch_reference() {
                 "{}: clipping bound {bound} times",
                 case.name
             );
+        }
+    }
+}
+
+/// A baseline golden case: the method, the model and extra `--set`s.
+struct Baseline {
+    name: &'static str,
+    method: &'static str,
+    arch: &'static str,
+    sets: &'static [(&'static str, &'static str)],
+    /// GA's clip must bind at least once.
+    clip_binds: bool,
+}
+
+const BASELINES: &[Baseline] = &[
+    Baseline {
+        name: "ft",
+        method: "ft",
+        arch: "mnist_cnn",
+        sets: &[],
+        clip_binds: false,
+    },
+    Baseline {
+        name: "ga-bn",
+        method: "ga",
+        arch: "mnist_cnn_bn",
+        sets: &[("ga.lr", "0.01")],
+        clip_binds: true,
+    },
+    Baseline {
+        name: "rl",
+        method: "rl",
+        arch: "mnist_cnn",
+        sets: &[],
+        clip_binds: false,
+    },
+    Baseline {
+        name: "salun",
+        method: "salun",
+        arch: "mnist_cnn",
+        sets: &[],
+        clip_binds: false,
+    },
+    Baseline {
+        name: "salun-freeze-masked",
+        method: "salun",
+        arch: "mnist_cnn",
+        sets: &[("salun.freeze_masked", "true"), ("salun.fraction", "0.5")],
+        clip_binds: false,
+    },
+    Baseline {
+        name: "bad_teacher-bn",
+        method: "bad_teacher",
+        arch: "mnist_cnn_bn",
+        sets: &[],
+        clip_binds: false,
+    },
+    Baseline {
+        name: "scrub-bn",
+        method: "scrub",
+        arch: "mnist_cnn_bn",
+        sets: &[("scrub.max_epochs", "1"), ("scrub.lr", "0.01")],
+        clip_binds: false,
+    },
+    Baseline {
+        name: "l1_sparse",
+        method: "l1_sparse",
+        arch: "mnist_cnn",
+        sets: &[
+            ("l1_sparse.alpha", "1e-3"),
+            ("l1_sparse.schedule", "cosine"),
+        ],
+        clip_binds: false,
+    },
+];
+
+/// Two epochs of a baseline on the first 600 digits (30 forgotten): a few
+/// epochs' boundaries, checkpoints, and quick.
+fn baseline_sets(root: &Path, name: &str, method: &str, arch: &str) -> Vec<String> {
+    let mut s = base(root, name);
+    s.extend([
+        format!("model.arch={arch}"),
+        "data.train_limit=600".into(),
+        "data.test_limit=200".into(),
+        format!("{method}.epochs=2"),
+        "unlearn.batch=64".into(),
+        "unlearn.forget_batch=8".into(),
+        "unlearn.log_every=5".into(),
+        "checkpoint.every_steps=7".into(),
+    ]);
+    s
+}
+
+/// The split of the 600-digit slice, made once.
+fn slice_split() -> &'static PathBuf {
+    static S: OnceLock<PathBuf> = OnceLock::new();
+    S.get_or_init(|| {
+        let root = temp_dir("unlearn-slice");
+        let out = root.join("split.json");
+        split(&root, "data.train_limit=600", "random:0.05", &out);
+        out
+    })
+}
+
+fn unlearn_with(
+    method: &str,
+    sets: &[String],
+    original: &Path,
+    split: &Path,
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
+        "unlearn",
+        "--method",
+        method,
+        "--from",
+        original.to_str().unwrap(),
+        "--split",
+        split.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    sfron(sets, &args)
+}
+
+#[test]
+fn baselines_match_the_pytorch_reference() {
+    let f = fixture();
+    let root = temp_dir("unlearn-baselines");
+    for case in BASELINES {
+        let mut sets = baseline_sets(&root, case.name, case.method, case.arch);
+        sets.extend(case.sets.iter().map(|(k, v)| format!("{k}={v}")));
+        let trace = root.join(format!("{}.trace.jsonl", case.name));
+        let o = unlearn_with(
+            case.method,
+            &sets,
+            &f.original(case.arch),
+            slice_split(),
+            &["--trace", trace.to_str().unwrap()],
+        );
+        ok(&o, case.name);
+        let r = Command::new(python())
+            .arg(format!("{ROOT}/tests/golden/baselines_reference.py"))
+            .args(["--run", root.join(case.name).to_str().unwrap()])
+            .args(["--trace", trace.to_str().unwrap()])
+            .args(["--data", MNIST])
+            .output()
+            .expect("run the PyTorch reference (SFRON_TORCH_PYTHON)");
+        let report = String::from_utf8_lossy(&r.stdout).into_owned();
+        println!("{}: {report}", case.name);
+        assert!(
+            r.status.success(),
+            "{}: sfron differs from PyTorch:\n{}",
+            case.name,
+            text(&r)
+        );
+        let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+        // The comparison means something only if the weights moved far
+        // more than the tolerance.
+        let moved = v["moved"].as_f64().unwrap();
+        assert!(
+            moved > 1e-3,
+            "{}: the weights barely moved ({moved})",
+            case.name
+        );
+        assert_eq!(
+            v["clip_bound"].as_u64().unwrap() > 0,
+            case.clip_binds,
+            "{}: {report}",
+            case.name
+        );
+    }
+}
+
+/// RL's wrong labels and SalUn's mask are pure functions of the seed, the
+/// original and the split: a run interrupted by SIGTERM and resumed ends
+/// bit-identical to a straight run, with the same labels and mask.
+#[test]
+fn baselines_resume_bit_identical() {
+    let f = fixture();
+    let root = temp_dir("unlearn-baselines-resume");
+    for method in ["salun", "scrub", "bad_teacher"] {
+        let straight = format!("{method}-straight");
+        let cut = format!("{method}-cut");
+        let sets = |name: &str| baseline_sets(&root, name, method, "mnist_cnn_bn");
+        let orig = f.original("mnist_cnn_bn");
+        ok(
+            &unlearn_with(method, &sets(&straight), &orig, slice_split(), &[]),
+            "straight run",
+        );
+        let at = 1 + test_seed(&format!("{method} resume iteration")) % 17;
+        let o = unlearn_with(
+            method,
+            &sets(&cut),
+            &orig,
+            slice_split(),
+            &["--fault-signal-at", &at.to_string()],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(75),
+            "{method}: SIGTERM at {at}:\n{}",
+            text(&o)
+        );
+        let o = unlearn_with(method, &sets(&cut), &orig, slice_split(), &[]);
+        ok(&o, "resumed run");
+        assert!(text(&o).contains("resuming"), "{}", text(&o));
+        for file in [
+            "model.safetensors",
+            "mask.safetensors",
+            "relabels.json",
+            "bad_teacher.safetensors",
+        ] {
+            let (a, b) = (root.join(&straight).join(file), root.join(&cut).join(file));
+            if a.exists() {
+                let same = if file.ends_with(".json") {
+                    std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap()
+                } else {
+                    same_bits(&a, &b)
+                };
+                assert!(
+                    same,
+                    "{method}: {file} differs after a SIGTERM at iteration {at} and a resume"
+                );
+            }
         }
     }
 }

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use config::{Map, Source, Value, ValueKind};
 
 pub use plan::{
-    DataPlan, ModelPlan, OptimizerPlan, RunPlan, Saliency, Schedule, SfronPlan, TrainPlan,
-    UnlearnPlan,
+    BadTeacherPlan, Baselines, DataPlan, EpochPlan, GaPlan, L1SparsePlan, ModelPlan, OptimizerPlan,
+    RunPlan, Saliency, SalunPlan, Schedule, ScrubPlan, SfronPlan, TrainPlan, UnlearnPlan,
 };
 pub use raw::RawConfig;
 

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use super::raw::{
-    CheckpointSection, DataFormat, DeviceKind, LogSection, NonFinite, OnCorrupt, OptimizerName,
-    SaliencyName, ScheduleName, TrainOn, TransformName, UnlearnMethod,
+    CheckpointSection, DataFormat, DeviceKind, EpochSchedule, LogSection, NonFinite, OnCorrupt,
+    OptimizerName, SaliencyName, ScheduleName, TrainOn, TransformName, UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -29,6 +29,9 @@ pub struct DataPlan {
     pub prefetch: usize,
     pub on_corrupt: CorruptPolicy,
     pub split: Option<PathBuf>,
+    /// `data.train_limit` / `data.test_limit` (None = all).
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -46,6 +49,7 @@ pub struct RunPlan {
     pub checkpoint: CheckpointSection,
     pub unlearn: UnlearnPlan,
     pub sfron: SfronPlan,
+    pub baselines: Baselines,
     pub topology: Topology,
     /// The merged configuration this plan came from (for printing and saving).
     pub config: LoadedConfig,
@@ -93,6 +97,7 @@ impl RunPlan {
         let train = train_plan(&config, &data)?;
         let unlearn = unlearn_plan(&config)?;
         let sfron = sfron_plan(&config, &unlearn)?;
+        let baselines = baselines_plan(&config, &unlearn)?;
         if raw.checkpoint.keep_last == 0 {
             return Err(config.key_error(
                 "checkpoint.keep_last",
@@ -106,6 +111,7 @@ impl RunPlan {
             checkpoint: raw.checkpoint.clone(),
             unlearn,
             sfron,
+            baselines,
             run_dir: PathBuf::from(&raw.run.root).join(name),
             seed: raw.run.seed,
             device: raw.device.kind,
@@ -191,11 +197,9 @@ pub struct UnlearnPlan {
     pub method: UnlearnMethod,
     /// The original model (required by `unlearn`).
     pub from: Option<PathBuf>,
-    pub iterations: u64,
     pub batch: usize,
     pub forget_batch: usize,
     pub optimizer: OptimizerPlan,
-    pub lr: f64,
     pub log_every: u64,
     pub eval_every: u64,
     pub eval_before: bool,
@@ -220,6 +224,8 @@ pub enum Saliency {
 /// SFR-on's settings, validated (DESIGN §1.1-1.2).
 #[derive(Clone, Debug)]
 pub struct SfronPlan {
+    pub iterations: u64,
+    pub lr: f64,
     pub forget_every: u64,
     pub alpha: f64,
     pub clip: Option<f64>,
@@ -231,6 +237,63 @@ pub struct SfronPlan {
     /// `None`: `<run folder>/fisher.safetensors`.
     pub fisher_cache: Option<PathBuf>,
     pub freeze_bn_on_forget: bool,
+}
+
+/// An epoch-based baseline's budget: `epochs` passes over its data at a
+/// peak learning rate `lr` moved by `schedule`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EpochPlan {
+    pub lr: f64,
+    pub epochs: u32,
+    pub schedule: EpochSchedule,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GaPlan {
+    pub budget: EpochPlan,
+    pub clip: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SalunPlan {
+    pub budget: EpochPlan,
+    pub fraction: f64,
+    pub mask_batch: usize,
+    pub freeze_masked: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BadTeacherPlan {
+    pub budget: EpochPlan,
+    pub temperature: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScrubPlan {
+    pub budget: EpochPlan,
+    pub max_epochs: u32,
+    pub gamma: f64,
+    pub alpha: f64,
+    pub temperature: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct L1SparsePlan {
+    pub budget: EpochPlan,
+    pub alpha: f64,
+    pub no_l1_epochs: u32,
+}
+
+/// The baselines' validated sections (DESIGN §1.3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Baselines {
+    pub ft: EpochPlan,
+    pub ga: GaPlan,
+    pub rl: EpochPlan,
+    pub salun: SalunPlan,
+    pub bad_teacher: BadTeacherPlan,
+    pub scrub: ScrubPlan,
+    pub l1_sparse: L1SparsePlan,
 }
 
 /// The optimizer of a `[train]` or `[unlearn]` section, validated.
@@ -294,10 +357,6 @@ fn positive(config: &LoadedConfig, key: &str, v: f64) -> Result<(), ConfigError>
 
 fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
     let u = &config.raw.unlearn;
-    positive(config, "unlearn.lr", u.lr)?;
-    if u.iterations == 0 {
-        return Err(config.key_error("unlearn.iterations", "must be at least 1"));
-    }
     if u.batch == 0 {
         return Err(config.key_error("unlearn.batch", "must be at least 1 (the global batch)"));
     }
@@ -317,11 +376,9 @@ fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
     Ok(UnlearnPlan {
         method: u.method,
         from: (!u.from.trim().is_empty()).then(|| PathBuf::from(&u.from)),
-        iterations: u.iterations,
         batch: u.batch as usize,
         forget_batch: u.forget_batch as usize,
         optimizer,
-        lr: u.lr,
         log_every: u.log_every.max(1) as u64,
         eval_every: u.eval_every,
         eval_before: u.eval_before,
@@ -335,6 +392,10 @@ fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
 
 fn sfron_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<SfronPlan, ConfigError> {
     let s = &config.raw.sfron;
+    positive(config, "sfron.lr", s.lr)?;
+    if s.iterations == 0 {
+        return Err(config.key_error("sfron.iterations", "must be at least 1"));
+    }
     if s.forget_every == 0 {
         return Err(config.key_error("sfron.forget_every", "must be at least 1"));
     }
@@ -353,6 +414,8 @@ fn sfron_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<SfronPlan,
     positive(config, "sfron.gamma", s.gamma)?;
     positive(config, "sfron.soft_max", s.soft_max)?;
     Ok(SfronPlan {
+        iterations: s.iterations,
+        lr: s.lr,
         forget_every: s.forget_every,
         alpha: s.alpha,
         clip: (s.clip > 0.0).then_some(s.clip),
@@ -370,6 +433,116 @@ fn sfron_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<SfronPlan,
         fisher_remain_batches: (s.fisher_remain_batches > 0).then_some(s.fisher_remain_batches),
         fisher_cache: (!s.fisher_cache.trim().is_empty()).then(|| PathBuf::from(&s.fisher_cache)),
         freeze_bn_on_forget: s.freeze_bn_on_forget,
+    })
+}
+
+fn epoch_plan(
+    config: &LoadedConfig,
+    section: &str,
+    lr: f64,
+    epochs: u32,
+    schedule: EpochSchedule,
+) -> Result<EpochPlan, ConfigError> {
+    positive(config, &format!("{section}.lr"), lr)?;
+    if epochs == 0 {
+        return Err(config.key_error(&format!("{section}.epochs"), "must be at least 1"));
+    }
+    Ok(EpochPlan {
+        lr,
+        epochs,
+        schedule,
+    })
+}
+
+fn baselines_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<Baselines, ConfigError> {
+    let r = &config.raw;
+    let non_negative = |key: &str, v: f64| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(())
+        } else {
+            Err(config.key_error(key, format!("{v} must be 0 or more")))
+        }
+    };
+    non_negative("ga.clip", r.ga.clip)?;
+    if !(r.salun.fraction.is_finite() && r.salun.fraction > 0.0 && r.salun.fraction <= 1.0) {
+        return Err(config.key_error(
+            "salun.fraction",
+            format!(
+                "{}: the share of weights kept must be in (0, 1]",
+                r.salun.fraction
+            ),
+        ));
+    }
+    positive(config, "bad_teacher.temperature", r.bad_teacher.temperature)?;
+    positive(config, "scrub.temperature", r.scrub.temperature)?;
+    non_negative("scrub.gamma", r.scrub.gamma)?;
+    non_negative("scrub.alpha", r.scrub.alpha)?;
+    non_negative("l1_sparse.alpha", r.l1_sparse.alpha)?;
+    if r.l1_sparse.no_l1_epochs > r.l1_sparse.epochs {
+        return Err(config.key_error(
+            "l1_sparse.no_l1_epochs",
+            format!(
+                "more than the {} epochs (l1_sparse.epochs)",
+                r.l1_sparse.epochs
+            ),
+        ));
+    }
+    Ok(Baselines {
+        ft: epoch_plan(config, "ft", r.ft.lr, r.ft.epochs, r.ft.schedule)?,
+        ga: GaPlan {
+            budget: epoch_plan(config, "ga", r.ga.lr, r.ga.epochs, r.ga.schedule)?,
+            clip: (r.ga.clip > 0.0).then_some(r.ga.clip),
+        },
+        rl: epoch_plan(config, "rl", r.rl.lr, r.rl.epochs, r.rl.schedule)?,
+        salun: SalunPlan {
+            budget: epoch_plan(
+                config,
+                "salun",
+                r.salun.lr,
+                r.salun.epochs,
+                r.salun.schedule,
+            )?,
+            fraction: r.salun.fraction,
+            mask_batch: match r.salun.mask_batch {
+                0 => unlearn.forget_batch,
+                n => n as usize,
+            },
+            freeze_masked: r.salun.freeze_masked,
+        },
+        bad_teacher: BadTeacherPlan {
+            budget: epoch_plan(
+                config,
+                "bad_teacher",
+                r.bad_teacher.lr,
+                r.bad_teacher.epochs,
+                r.bad_teacher.schedule,
+            )?,
+            temperature: r.bad_teacher.temperature,
+        },
+        scrub: ScrubPlan {
+            budget: epoch_plan(
+                config,
+                "scrub",
+                r.scrub.lr,
+                r.scrub.epochs,
+                r.scrub.schedule,
+            )?,
+            max_epochs: r.scrub.max_epochs,
+            gamma: r.scrub.gamma,
+            alpha: r.scrub.alpha,
+            temperature: r.scrub.temperature,
+        },
+        l1_sparse: L1SparsePlan {
+            budget: epoch_plan(
+                config,
+                "l1_sparse",
+                r.l1_sparse.lr,
+                r.l1_sparse.epochs,
+                r.l1_sparse.schedule,
+            )?,
+            alpha: r.l1_sparse.alpha,
+            no_l1_epochs: r.l1_sparse.no_l1_epochs,
+        },
     })
 }
 
@@ -518,5 +691,7 @@ fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {
             OnCorrupt::Skip => CorruptPolicy::Skip,
         },
         split: (!d.split.trim().is_empty()).then(|| PathBuf::from(&d.split)),
+        train_limit: (d.train_limit > 0).then_some(d.train_limit as usize),
+        test_limit: (d.test_limit > 0).then_some(d.test_limit as usize),
     })
 }

@@ -52,6 +52,13 @@ pub struct RawConfig {
     pub checkpoint: CheckpointSection,
     pub unlearn: UnlearnSection,
     pub sfron: SfronSection,
+    pub ft: FtSection,
+    pub ga: GaSection,
+    pub rl: RlSection,
+    pub salun: SalunSection,
+    pub bad_teacher: BadTeacherSection,
+    pub scrub: ScrubSection,
+    pub l1_sparse: L1SparseSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -192,6 +199,12 @@ pub struct DataSection {
     pub on_corrupt: OnCorrupt,
     /// Split manifest written by `sfron split` ("" = none).
     pub split: String,
+    /// Use only the first N training samples (0 = all): quick studies and
+    /// tests. The dataset's fingerprint records it, so a split or checkpoint
+    /// of the full set is never taken for one of the slice.
+    pub train_limit: u64,
+    /// Use only the first N test samples (0 = all).
+    pub test_limit: u64,
 }
 
 impl Default for DataSection {
@@ -204,6 +217,8 @@ impl Default for DataSection {
             prefetch: 4,
             on_corrupt: OnCorrupt::Error,
             split: String::new(),
+            train_limit: 0,
+            test_limit: 0,
         }
     }
 }
@@ -367,6 +382,33 @@ string_enum! {
     UnlearnMethod {
         /// SFR-on (DESIGN §1.1-1.2).
         Sfron => "sfron",
+        /// Fine-tuning on the remain set.
+        Ft => "ft",
+        /// Gradient ascent on the forget set.
+        Ga => "ga",
+        /// Random labels for the forget set.
+        Rl => "rl",
+        /// Saliency-masked random labels.
+        Salun => "salun",
+        /// Distillation from a competent and an incompetent teacher.
+        BadTeacher => "bad_teacher",
+        /// SCRUB: alternating max (forget) and min (remain) distillation.
+        Scrub => "scrub",
+        /// Fine-tuning with a decaying ℓ1 penalty.
+        L1Sparse => "l1_sparse",
+    }
+}
+
+string_enum! {
+    /// How an epoch-based baseline's learning rate moves.
+    EpochSchedule {
+        /// `η (1 + cos(π e / E)) / 2` in epoch `e` of `E` (PyTorch's
+        /// CosineAnnealingLR stepped once per epoch, as released).
+        CosineEpochs => "cosine_epochs",
+        /// The same cosine stepped every iteration.
+        Cosine => "cosine",
+        /// `η` throughout.
+        Constant => "constant",
     }
 }
 
@@ -390,15 +432,12 @@ pub struct UnlearnSection {
     pub method: UnlearnMethod,
     /// The original model's weights (safetensors from `sfron train` or PyTorch).
     pub from: String,
-    /// Iterations T (each: a remain step, plus a forget step every `sfron.forget_every`).
-    pub iterations: u64,
     /// Global remain batch (all ranks together).
     pub batch: u32,
     /// Global forget batch.
     pub forget_batch: u32,
+    /// The optimizer of every method (its learning rate is the method's).
     pub optimizer: OptimizerName,
-    /// Peak learning rate η (cosine to 0 over the iterations).
-    pub lr: f64,
     pub momentum: f64,
     pub nesterov: bool,
     pub weight_decay: f64,
@@ -421,11 +460,9 @@ impl Default for UnlearnSection {
         UnlearnSection {
             method: UnlearnMethod::Sfron,
             from: String::new(),
-            iterations: 1500,
             batch: 128,
             forget_batch: 128,
             optimizer: OptimizerName::Sgd,
-            lr: 0.01,
             momentum: 0.9,
             nesterov: false,
             weight_decay: 5e-4,
@@ -445,6 +482,10 @@ impl Default for UnlearnSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SfronSection {
+    /// Iterations T (each: a remain step, plus a forget step every `forget_every`).
+    pub iterations: u64,
+    /// Peak learning rate η (cosine to 0 over the iterations).
+    pub lr: f64,
     /// K: a forget step every K iterations.
     pub forget_every: u64,
     /// α: peak forget coefficient (cosine to 0 like the learning rate).
@@ -475,6 +516,8 @@ pub struct SfronSection {
 impl Default for SfronSection {
     fn default() -> Self {
         SfronSection {
+            iterations: 1500,
+            lr: 0.01,
             forget_every: 5,
             alpha: 25.0,
             clip: 7.0,
@@ -489,4 +532,97 @@ impl Default for SfronSection {
             freeze_bn_on_forget: false,
         }
     }
+}
+
+/// Declares a baseline's section: its learning rate, epochs and schedule,
+/// then its own keys. Defaults are the authors' released CIFAR-10 values
+/// (DESIGN §1.3).
+macro_rules! baseline_section {
+    ($(#[$meta:meta])* $name:ident { lr: $lr:expr, epochs: $epochs:expr, schedule: $sched:ident
+        $(, $(#[$fmeta:meta])* $field:ident : $ty:ty = $default:expr)* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            /// Peak learning rate.
+            pub lr: f64,
+            /// Passes over the method's data.
+            pub epochs: u32,
+            pub schedule: EpochSchedule,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    lr: $lr,
+                    epochs: $epochs,
+                    schedule: EpochSchedule::$sched,
+                    $($field: $default,)*
+                }
+            }
+        }
+    };
+}
+
+baseline_section! {
+    /// FT: cross-entropy on the remain set.
+    FtSection { lr: 0.01, epochs: 10, schedule: CosineEpochs }
+}
+
+baseline_section! {
+    /// GA: minimise −CE on the forget set in eval mode, gradient norm clipped.
+    GaSection { lr: 1e-4, epochs: 9, schedule: Constant,
+        /// Clip the gradient's global L2 norm to this (0 = no clipping).
+        clip: f64 = 0.1 }
+}
+
+baseline_section! {
+    /// RL: CE on the remain set and the forget set relabelled once to a
+    /// uniform random wrong class.
+    RlSection { lr: 0.003, epochs: 10, schedule: CosineEpochs }
+}
+
+baseline_section! {
+    /// SalUn: RL with gradients masked to the most forget-salient weights.
+    SalunSection { lr: 0.007, epochs: 10, schedule: CosineEpochs,
+        /// Share of all weights the mask keeps (largest |Σ_b ∇(−CE)| over the forget set).
+        fraction: f64 = 0.2,
+        /// Global batch of the saliency pass (0 = unlearn.forget_batch).
+        mask_batch: u32 = 0,
+        /// Keep masked weights exactly where they are (the released code
+        /// masks only the gradient, so weight decay and momentum still move
+        /// them: SalUn issue #32). Off = released behaviour.
+        freeze_masked: bool = false }
+}
+
+baseline_section! {
+    /// Bad Teacher: KL to the frozen original on remain samples and to a
+    /// freshly initialised model on forget samples.
+    BadTeacherSection { lr: 0.02, epochs: 10, schedule: CosineEpochs,
+        /// Softmax temperature of both teachers and the student.
+        temperature: f64 = 1.0 }
+}
+
+baseline_section! {
+    /// SCRUB: max-steps (−KL to the original) on the forget set in the first
+    /// epochs, min-steps (γ·CE + α·KL) on the remain set every epoch.
+    ScrubSection { lr: 8e-5, epochs: 6, schedule: CosineEpochs,
+        /// Epochs that start with a max-pass over the forget set.
+        max_epochs: u32 = 2,
+        /// Weight of the cross-entropy in min-steps.
+        gamma: f64 = 0.99,
+        /// Weight of the KL to the teacher in min-steps.
+        alpha: f64 = 0.001,
+        /// Distillation temperature (the KL is scaled by T²).
+        temperature: f64 = 4.0 }
+}
+
+baseline_section! {
+    /// ℓ1-sparse: FT plus α_e ‖θ‖₁, α_e = α (1 − e / (E − no_l1_epochs)).
+    L1SparseSection { lr: 0.01, epochs: 10, schedule: CosineEpochs,
+        /// Peak ℓ1 coefficient α.
+        alpha: f64 = 5e-4,
+        /// Final epochs without the penalty.
+        no_l1_epochs: u32 = 0 }
 }

@@ -139,6 +139,27 @@ impl Dataset {
         self.labels.len()
     }
 
+    /// Keeps only the first `n` samples (`data.train_limit`); the
+    /// fingerprint says so.
+    pub fn limit(&mut self, n: usize) {
+        if n >= self.len() {
+            return;
+        }
+        self.labels.truncate(n);
+        self.ids.truncate(n);
+        match &mut self.store {
+            Store::Memory {
+                pixels,
+                width,
+                height,
+                channels,
+            } => pixels.truncate(n * *width * *height * *channels),
+            Store::Files(files) => files.truncate(n),
+            Store::Tar { members, .. } => members.truncate(n),
+        }
+        self.fingerprint = format!("{}+first{n}", self.fingerprint);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }

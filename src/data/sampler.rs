@@ -29,6 +29,8 @@ pub enum Stream {
     Remain = 2,
     Forget = 3,
     Eval = 4,
+    /// Remain ∪ forget (the baselines that train on both: RL, SalUn, Bad Teacher).
+    Union = 5,
 }
 
 #[derive(Clone, Debug)]

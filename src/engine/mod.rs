@@ -141,6 +141,11 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// This rank was asked to stop (SIGTERM/SIGUSR1); ranks agree through a reduction.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.is_set()
+    }
+
     pub fn comm(&self) -> &Comm {
         self.comm
     }
@@ -250,6 +255,11 @@ impl<'a> Engine<'a> {
         self.params.iter().map(|p| p.detach().copy()).collect()
     }
 
+    /// Puts back parameters saved by [`Engine::param_copies`].
+    pub fn restore_params(&mut self, saved: &[Tensor]) {
+        copy_all(&self.params, saved);
+    }
+
     /// Copies of the BatchNorm running statistics.
     pub fn buffer_copies(&self) -> Vec<Tensor> {
         self.buffers.iter().map(Tensor::copy).collect()
@@ -257,11 +267,7 @@ impl<'a> Engine<'a> {
 
     /// Puts back statistics saved by [`Engine::buffer_copies`].
     pub fn restore_buffers(&mut self, saved: &[Tensor]) {
-        tch::no_grad(|| {
-            for (b, v) in self.buffers.iter().zip(saved) {
-                b.shallow_clone().copy_(v);
-            }
-        });
+        copy_all(&self.buffers, saved);
     }
 
     /// Copies rank 0's BatchNorm buffers to every rank (rank 0 is the authority).
@@ -300,6 +306,15 @@ impl<'a> Engine<'a> {
         }
         Ok(())
     }
+}
+
+/// Copies `src` into `dst`, tensor by tensor, outside autograd.
+fn copy_all(dst: &[Tensor], src: &[Tensor]) {
+    tch::no_grad(|| {
+        for (d, v) in dst.iter().zip(src) {
+            d.shallow_clone().copy_(v);
+        }
+    });
 }
 
 /// Forward `batch` in train or eval mode, then back-propagate the *sum* of
@@ -343,7 +358,7 @@ pub fn state_digest<'t>(tensors: impl Iterator<Item = &'t Tensor>) -> String {
 }
 
 /// Broadcasts `tensors` from rank 0 through one flat buffer.
-fn broadcast_all(comm: &Comm, tensors: &[Tensor]) -> Result<()> {
+pub fn broadcast_all(comm: &Comm, tensors: &[Tensor]) -> Result<()> {
     if tensors.is_empty() {
         return Ok(());
     }

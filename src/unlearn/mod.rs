@@ -1,13 +1,24 @@
 //! `sfron unlearn`: make a trained model forget the split's forget set.
 //!
 //! The harness here is shared by every method: it loads the original model
-//! and the split, opens the forget and remain streams (separate, resumable
-//! samplers), resumes from the newest checkpoint, and runs iterations of the
-//! method with the engine's step skeleton (backward → one reduction → edit →
-//! optimizer step), logging, verifying, checkpointing and stopping exactly as
-//! `train` does. A method only says what one iteration does ([`Method`]).
+//! and the split, opens the forget, remain and (for RL, SalUn and Bad
+//! Teacher) union streams (separate, resumable samplers), lets the method
+//! prepare on the original weights (masks, teachers), resumes from the
+//! newest checkpoint, and runs iterations of the method with one step
+//! skeleton ([`Session::step`]: forward → per-sample losses → backward → one
+//! reduction → mask and clip → optimizer step), logging, verifying,
+//! checkpointing and stopping exactly as `train` does. A method says how
+//! long it runs and what one iteration does ([`Method`]).
 
+pub mod bad_teacher;
+pub mod epochs;
+pub mod ft;
+pub mod ga;
+pub mod l1_sparse;
+pub mod rl;
 pub mod saliency;
+pub mod salun;
+pub mod scrub;
 pub mod sfron;
 
 use std::fs::File;
@@ -16,7 +27,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::cli::UnlearnArgs;
 use crate::comm::Comm;
@@ -25,18 +36,21 @@ use crate::config::raw::UnlearnMethod;
 use crate::data::{Batch, BatchStream, Cursor, Sampler, Stream};
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
-use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, backward_ce_sum, schedule};
+use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, correct};
 use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
 use crate::model::{Model, weights};
 use crate::train::{self, Faults, MODEL_FILE, RunState, STATE_FILE, Status};
+pub use epochs::{Budget, Program};
 
 /// One of the two data streams of an unlearning run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Which {
     Forget,
     Remain,
+    /// Remain ∪ forget, shuffled together.
+    Union,
 }
 
 impl Which {
@@ -44,6 +58,7 @@ impl Which {
         match self {
             Which::Forget => "forget",
             Which::Remain => "remain",
+            Which::Union => "union",
         }
     }
 }
@@ -53,24 +68,56 @@ impl Which {
 pub struct Iteration {
     pub forget: Option<Outcome>,
     pub remain: Option<Outcome>,
+    pub union: Option<Outcome>,
 }
 
 impl Iteration {
+    /// One step on `which`.
+    pub fn one(which: Which, out: Outcome) -> Self {
+        let mut it = Iteration::default();
+        *match which {
+            Which::Forget => &mut it.forget,
+            Which::Remain => &mut it.remain,
+            Which::Union => &mut it.union,
+        } = Some(out);
+        it
+    }
+
     /// Some rank was asked to stop during this iteration.
     pub fn stop(&self) -> bool {
-        self.forget.is_some_and(|o| o.stop) || self.remain.is_some_and(|o| o.stop)
+        [self.forget, self.remain, self.union]
+            .iter()
+            .any(|o| o.is_some_and(|o| o.stop))
     }
 }
 
-/// An unlearning rule: what happens before the loop and in iteration `t`.
+/// An unlearning rule: its budget, what happens before the loop and in
+/// iteration `t`.
 pub trait Method {
-    /// Runs before the first iteration, and again on resume (e.g. the
-    /// saliency mask, which a cache makes cheap the second time). `false`:
-    /// a stop was requested meanwhile (SIGTERM/SIGUSR1), exit as resumable.
+    /// How many iterations the method runs and its learning rate at each.
+    fn budget(&mut self, s: &mut Session) -> Budget;
+    /// Runs before the first iteration, and again on resume, always on the
+    /// original weights (masks, teachers). `false`: a stop was requested
+    /// meanwhile (SIGTERM/SIGUSR1), exit as resumable.
     fn prepare(&mut self, s: &mut Session, progress: &mut Progress) -> Result<bool>;
     /// Iteration `t` of `s.iterations()`.
     fn iteration(&mut self, s: &mut Session, t: u64) -> Result<Iteration>;
 }
+
+/// What is done to the reduced gradient before the optimizer step.
+#[derive(Default)]
+pub struct Edit<'a> {
+    /// Multiply by this flat mask (or soft weights).
+    pub mask: Option<&'a Tensor>,
+    /// Then clip the global L2 norm to this, as `clip_grad_norm_` does.
+    pub clip: Option<f64>,
+    /// With `mask`: parameters the mask zeroes stay exactly where they are
+    /// (weight decay and momentum do not move them either).
+    pub freeze_masked: bool,
+}
+
+/// PyTorch's `clip_grad_norm_` divides by `norm + 1e-6`.
+const CLIP_EPS: f64 = 1e-6;
 
 /// Rank 0's record of every global batch, for reference implementations.
 struct Trace(BufWriter<File>);
@@ -85,6 +132,10 @@ pub struct Session<'a> {
     pub engine: Engine<'a>,
     pub forget: BatchStream,
     pub remain: BatchStream,
+    /// Opened on first use (the methods that train on remain ∪ forget).
+    union: Option<BatchStream>,
+    /// Set from the method before the loop.
+    pub budget: Budget,
     /// Content digest of the original weights ([`weights::content_digest`]).
     pub from_hash: String,
     pub faults: Faults,
@@ -93,12 +144,12 @@ pub struct Session<'a> {
 
 impl Session<'_> {
     pub fn iterations(&self) -> u64 {
-        self.plan.unlearn.iterations
+        self.budget.total
     }
 
-    /// `η_t = η (1 + cos(π t / T)) / 2`, stepped every iteration.
+    /// The method's learning rate at iteration `t`.
     pub fn lr(&self, t: u64) -> f64 {
-        self.plan.unlearn.lr * schedule::cosine(t, self.iterations())
+        self.budget.lr(t)
     }
 
     /// This rank's share of the next global batch of `which`.
@@ -110,10 +161,20 @@ impl Session<'_> {
         Ok(self.stream(which).next_batch()?)
     }
 
-    fn stream(&mut self, which: Which) -> &mut BatchStream {
+    /// The stream of `which` (the union stream opens at its start).
+    pub fn stream(&mut self, which: Which) -> &mut BatchStream {
         match which {
             Which::Forget => &mut self.forget,
             Which::Remain => &mut self.remain,
+            Which::Union => self.union.get_or_insert_with(|| {
+                stream(
+                    self.plan,
+                    &self.inputs,
+                    Which::Union,
+                    Cursor::default(),
+                    self.comm,
+                )
+            }),
         }
     }
 
@@ -136,17 +197,153 @@ impl Session<'_> {
         self.engine.reduce(local, scale)
     }
 
-    /// A plain remain step: the mean cross-entropy of the next global remain
-    /// batch (train mode), reduced, then the optimizer step at `lr`.
-    pub fn remain_step(&mut self, t: u64, lr: f64) -> Result<Outcome> {
-        let batch = self.next(Which::Remain, t)?;
-        self.engine.zero_grad();
-        let local = backward_ce_sum(&self.model, &batch, self.device, true);
-        let mut out = self.reduce(local, Scale::MeanOverCount, t)?;
-        self.engine
-            .step(&mut out, lr, &format!("iteration {t} (remain step)"))?;
+    /// The step skeleton on the next global batch of `which`: this rank's
+    /// share is forwarded (train or eval mode); `loss(logits, share)` gives
+    /// each row's loss and the labels its accuracy counts against; the sum
+    /// of the losses is back-propagated and reduced into the global batch's
+    /// mean gradient, which [`Session::finish`] edits and steps with at `lr`.
+    pub fn step(
+        &mut self,
+        which: Which,
+        t: u64,
+        lr: f64,
+        train: bool,
+        edit: &Edit,
+        loss: &mut dyn FnMut(&Tensor, &Rows) -> (Tensor, Tensor),
+    ) -> Result<Outcome> {
+        let mut out = self.backward(which, t, train, loss)?;
+        self.finish(
+            &mut out,
+            edit,
+            lr,
+            &format!("iteration {t} ({} step)", which.name()),
+        )?;
         Ok(out)
     }
+
+    /// The first half of [`Session::step`]: forward, backward and the
+    /// reduction (the mean gradient is in `engine.flat_grad()`).
+    pub fn backward(
+        &mut self,
+        which: Which,
+        t: u64,
+        train: bool,
+        loss: &mut dyn FnMut(&Tensor, &Rows) -> (Tensor, Tensor),
+    ) -> Result<Outcome> {
+        let batch = self.next(which, t)?;
+        self.engine.zero_grad();
+        let mut local = Local::default();
+        if !batch.is_empty() {
+            let rows = Rows {
+                x: batch.images.to_device(self.device),
+                labels: batch.labels.to_device(self.device),
+                indices: batch.indices,
+            };
+            let logits = self.model.forward_t(&rows.x, train);
+            let (losses, targets) = loss(&logits, &rows);
+            let sum = losses.sum(Kind::Float);
+            sum.backward();
+            local = Local {
+                loss_sum: sum.double_value(&[]),
+                correct: correct(&logits, &targets),
+                count: rows.indices.len() as f64,
+            };
+        }
+        self.reduce(local, Scale::MeanOverCount, t)
+    }
+
+    /// The second half of a step: the reduced gradient is masked, then
+    /// clipped to a global L2 norm, then the optimizer steps at `lr` (or the
+    /// step is skipped under the non-finite policy). `what` names the step.
+    pub fn finish(&mut self, out: &mut Outcome, edit: &Edit, lr: f64, what: &str) -> Result<()> {
+        if out.applied {
+            let g = self.engine.flat_grad();
+            if let Some(mask) = edit.mask {
+                let _ = g.shallow_clone().g_mul_(mask);
+            }
+            if let Some(max_norm) = edit.clip {
+                let norm = g.norm().double_value(&[]);
+                let coef = max_norm / (norm + CLIP_EPS);
+                if coef < 1.0 {
+                    let _ = g.shallow_clone().g_mul_scalar_(coef);
+                }
+            }
+        }
+        let frozen = match edit.mask {
+            Some(mask) if edit.freeze_masked && out.applied => {
+                Some((mask, self.engine.param_copies()))
+            }
+            _ => None,
+        };
+        self.engine.step(out, lr, what)?;
+        if let Some((mask, before)) = frozen {
+            // θ ← θ_before + M ⊙ (θ − θ_before): masked entries stay put.
+            tch::no_grad(|| {
+                let mut offset = 0;
+                for (p, q) in self.engine.params.iter().zip(&before) {
+                    let n = p.numel() as i64;
+                    let m = mask.narrow(0, offset, n).view(p.size().as_slice());
+                    offset += n;
+                    let kept = q + (p - q) * m;
+                    p.shallow_clone().copy_(&kept);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// A plain cross-entropy step on `which` in train mode (FT's step, and
+    /// SFR-on's remain step).
+    pub fn ce_step(&mut self, which: Which, t: u64, lr: f64) -> Result<Outcome> {
+        self.step(which, t, lr, true, &Edit::default(), &mut ce)
+    }
+}
+
+/// This rank's share of a batch, on the device.
+pub struct Rows {
+    pub x: Tensor,
+    pub labels: Tensor,
+    /// Dataset indices of the rows.
+    pub indices: Vec<usize>,
+}
+
+/// Per-row cross-entropy against the true labels.
+pub fn ce(logits: &Tensor, rows: &Rows) -> (Tensor, Tensor) {
+    let losses =
+        logits.cross_entropy_loss::<Tensor>(&rows.labels, None, Reduction::None, -100, 0.0);
+    (losses, rows.labels.shallow_clone())
+}
+
+/// Per-row `KL(p_teacher ‖ p_student)` of softmax(z/T), as
+/// `F.kl_div(log_softmax(s/T), softmax(t/T))` summed over classes
+/// (`0 · log 0 = 0`).
+pub fn kl_rows(student: &Tensor, teacher_probs: &Tensor, temperature: f64) -> Tensor {
+    (student / temperature)
+        .log_softmax(-1, Kind::Float)
+        .kl_div(teacher_probs, Reduction::None, false)
+        .sum_dim_intlist(-1, false, Kind::Float)
+}
+
+/// A frozen copy of the model's current weights (a teacher), in eval use only.
+pub fn frozen_copy(s: &Session) -> Result<Model> {
+    let mut copy = Model::new(s.model.arch, s.model.in_channels, s.model.classes, s.device);
+    tch::no_grad(|| {
+        for ((_, dst), (_, src)) in copy.state().iter().zip(s.model.state()) {
+            dst.shallow_clone().copy_(&src);
+        }
+    });
+    copy.vs.freeze();
+    Ok(copy)
+}
+
+/// Global batches in one pass over `which`.
+pub fn batches(s: &mut Session, which: Which) -> u64 {
+    s.stream(which).batches_per_epoch() as u64
+}
+
+/// Eval-mode logits of a teacher, without a graph.
+pub fn teacher_logits(teacher: &Model, x: &Tensor) -> Tensor {
+    tch::no_grad(|| teacher.forward_t(x, false))
 }
 
 /// The hash of what determines an unlearning run's result.
@@ -157,20 +354,51 @@ fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &str) 
     unlearn.log_every = 0;
     unlearn.eval_every = 0;
     unlearn.verify_every = 0;
-    let mut sfron = raw.sfron.clone();
-    sfron.fisher_cache = String::new();
     let recipe = json!({
         "command": command,
         "seed": plan.seed,
         "model": { "arch": plan.model.arch.name(), "from": from_hash },
         "unlearn": unlearn,
-        "method": match plan.unlearn.method {
-            UnlearnMethod::Sfron => serde_json::to_value(&sfron).unwrap_or_default(),
-        },
+        "method": method_section(plan),
         "data": inputs.identity(plan),
         "split": inputs.split_hash(),
     });
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
+}
+
+/// The configuration section of the run's method, as it decides the result.
+fn method_section(plan: &RunPlan) -> serde_json::Value {
+    let raw = &plan.config.raw;
+    let v = match plan.unlearn.method {
+        UnlearnMethod::Sfron => {
+            let mut sfron = raw.sfron.clone();
+            sfron.fisher_cache = String::new();
+            serde_json::to_value(&sfron)
+        }
+        UnlearnMethod::Ft => serde_json::to_value(&raw.ft),
+        UnlearnMethod::Ga => serde_json::to_value(&raw.ga),
+        UnlearnMethod::Rl => serde_json::to_value(&raw.rl),
+        UnlearnMethod::Salun => serde_json::to_value(&raw.salun),
+        UnlearnMethod::BadTeacher => serde_json::to_value(&raw.bad_teacher),
+        UnlearnMethod::Scrub => serde_json::to_value(&raw.scrub),
+        UnlearnMethod::L1Sparse => serde_json::to_value(&raw.l1_sparse),
+    };
+    v.unwrap_or_default()
+}
+
+/// The method of the plan.
+fn method(plan: &RunPlan) -> Box<dyn Method> {
+    let b = &plan.baselines;
+    match plan.unlearn.method {
+        UnlearnMethod::Sfron => Box::new(sfron::Sfron::new(plan.sfron.clone())),
+        UnlearnMethod::Ft => Box::new(ft::Ft::new(b.ft)),
+        UnlearnMethod::Ga => Box::new(ga::Ga::new(b.ga)),
+        UnlearnMethod::Rl => Box::new(rl::Rl::new(b.rl)),
+        UnlearnMethod::Salun => Box::new(salun::Salun::new(b.salun)),
+        UnlearnMethod::BadTeacher => Box::new(bad_teacher::BadTeacher::new(b.bad_teacher)),
+        UnlearnMethod::Scrub => Box::new(scrub::Scrub::new(b.scrub)),
+        UnlearnMethod::L1Sparse => Box::new(l1_sparse::L1Sparse::new(b.l1_sparse)),
+    }
 }
 
 /// Running sums of one stream's statistics between two metrics lines.
@@ -230,6 +458,9 @@ fn evaluate(s: &Session, batch: usize) -> Result<[eval::Score; 3]> {
 fn fill_state(s: &Session, state: &mut RunState) {
     state.cursors.insert("forget".into(), s.forget.cursor());
     state.cursors.insert("remain".into(), s.remain.cursor());
+    if let Some(union) = &s.union {
+        state.cursors.insert("union".into(), union.cursor());
+    }
     state.optimizer_steps = s.engine.optimizer.steps();
     state.skips_total = s.engine.skips_total;
     state.skips_in_row = s.engine.skips_in_row;
@@ -270,21 +501,14 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     let stop = StopFlag::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
     let engine = Engine::new(comm, &model, optimizer, u.max_skips, stop);
 
-    // Wall time of earlier parts of this run (a resume continues the clock).
-    let mut base_seconds = 0.0;
-    let mut state = RunState {
-        command: command.clone(),
-        recipe: recipe.clone(),
-        split: split.clone(),
-        world_size: comm.size(),
-        ..RunState::default()
-    };
     let mut s = Session {
         comm,
         plan,
         device,
         forget: stream(plan, &inputs, Which::Forget, Cursor::default(), comm),
         remain: stream(plan, &inputs, Which::Remain, Cursor::default(), comm),
+        union: None,
+        budget: Budget::iterations(1, 1.0),
         inputs,
         model,
         engine,
@@ -292,7 +516,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         faults: Faults::from_args(&args.faults),
         trace: None,
     };
+    let mut method = method(plan);
+    s.budget = method.budget(&mut s);
+    let end = s.budget.total;
+
+    // A checkpoint is read and checked before any work; its weights are
+    // put in place after the method has prepared on the original ones.
+    let mut resumed = None;
     if let Some(restored) = train::restore_everywhere(comm, plan)? {
+        let original = (s.engine.param_copies(), s.engine.buffer_copies());
         let (saved, tensors) =
             train::load_checkpoint(&restored, &s.model, &recipe, &split, &command)?;
         let params: Vec<Tensor> = s.engine.params.iter().map(Tensor::shallow_clone).collect();
@@ -300,19 +532,27 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             .optimizer
             .restore(&s.engine.names, &params, &tensors, saved.optimizer_steps)
             .map_err(|e| anyhow::anyhow!("{}/{STATE_FILE}: {e}", restored.dir.display()))?;
-        s.engine.skips_total = saved.skips_total;
-        s.engine.skips_in_row = saved.skips_in_row;
-        let at = |name: &str| saved.cursors.get(name).copied().unwrap_or_default();
-        s.forget = stream(plan, &s.inputs, Which::Forget, at("forget"), comm);
-        s.remain = stream(plan, &s.inputs, Which::Remain, at("remain"), comm);
+        let checkpointed = (s.engine.param_copies(), s.engine.buffer_copies());
+        s.engine.restore_params(&original.0);
+        s.engine.restore_buffers(&original.1);
         tracing::info!(iteration = saved.step, dir = %restored.dir.display(), "resuming");
-        base_seconds = saved.elapsed_s;
-        state = RunState {
-            world_size: comm.size(),
-            ..saved
-        };
+        resumed = Some((saved, checkpointed));
     }
-    let broadcast_s = s.engine.broadcast_state()?;
+    // Wall time of earlier parts of this run (a resume continues the clock).
+    let base_seconds = resumed.as_ref().map_or(0.0, |r| r.0.elapsed_s);
+    let mut state = match &resumed {
+        Some((saved, _)) => RunState {
+            world_size: comm.size(),
+            ..saved.clone()
+        },
+        None => RunState {
+            command: command.clone(),
+            recipe: recipe.clone(),
+            split: split.clone(),
+            world_size: comm.size(),
+            ..RunState::default()
+        },
+    };
 
     let mut checkpoints = train::open_run_dir(comm, plan, &s.inputs)?;
     if comm.is_root()
@@ -325,7 +565,6 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             .with_context(|| format!("opening the trace {}", path.display()))?;
         s.trace = Some(Trace(BufWriter::new(file)));
     }
-    let end = u.iterations;
     let start = state.step;
     let mut progress = Progress::new(&plan.run_dir, comm.is_root(), &command, end, start)?;
     tracing::info!(
@@ -356,9 +595,6 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     }
     // The clock of the unlearning itself starts here (after the "before" scores).
     let started = Instant::now();
-    let mut method: Box<dyn Method> = match u.method {
-        UnlearnMethod::Sfron => Box::new(sfron::Sfron::new(plan.sfron.clone())),
-    };
     if !method.prepare(&mut s, &mut progress)? {
         // Nothing of the loop has happened since the last checkpoint (if any).
         comm.barrier();
@@ -366,8 +602,21 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         tracing::warn!("stop requested while preparing: exiting as resumable");
         return Ok(Status::Preempted);
     }
+    if let Some((saved, (params, buffers))) = resumed {
+        s.engine.restore_params(&params);
+        s.engine.restore_buffers(&buffers);
+        s.engine.skips_total = saved.skips_total;
+        s.engine.skips_in_row = saved.skips_in_row;
+        let at = |name: &str| saved.cursors.get(name).copied().unwrap_or_default();
+        s.forget = stream(plan, &s.inputs, Which::Forget, at("forget"), comm);
+        s.remain = stream(plan, &s.inputs, Which::Remain, at("remain"), comm);
+        if saved.cursors.contains_key("union") {
+            s.union = Some(stream(plan, &s.inputs, Which::Union, at("union"), comm));
+        }
+    }
+    let broadcast_s = s.engine.broadcast_state()?;
 
-    let mut windows = (Window::default(), Window::default(), Instant::now(), 0u64);
+    let mut windows = Windows::new();
     let mut comm_mark = s.engine.comm_seconds;
     let mut t = start;
     while t < end {
@@ -383,33 +632,30 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         };
         s.faults.after_step(comm.rank(), t, &s.engine.params);
         t += 1;
-        windows.0.add(it.forget);
-        windows.1.add(it.remain);
-        windows.3 += 1;
+        windows.add(&it);
         if t.is_multiple_of(u.log_every) || t == end {
-            let secs = windows.2.elapsed().as_secs_f64();
-            let rec = json!({
-                "event": "step", "step": t, "lr": s.lr(t - 1),
-                "forget_loss": windows.0.loss(), "forget_acc": windows.0.acc(),
-                "remain_loss": windows.1.loss(), "remain_acc": windows.1.acc(),
-                "iteration_ms": 1e3 * secs / windows.3.max(1) as f64,
-                "comm_ms": 1e3 * (s.engine.comm_seconds - comm_mark) / windows.3.max(1) as f64,
+            let n = windows.iterations.max(1) as f64;
+            let ms = 1e3 * windows.since.elapsed().as_secs_f64() / n;
+            let mut rec = json!({
+                "event": "step", "step": t, "lr": s.lr(t - 1), "iteration_ms": ms,
+                "comm_ms": 1e3 * (s.engine.comm_seconds - comm_mark) / n,
                 "skipped": s.engine.skips_total,
             });
+            let mut line = Vec::new();
+            for (which, w) in [Which::Forget, Which::Remain, Which::Union]
+                .into_iter()
+                .zip(&windows.streams)
+            {
+                if let (Some(loss), Some(acc)) = (w.loss(), w.acc()) {
+                    rec[format!("{}_loss", which.name())] = json!(loss);
+                    rec[format!("{}_acc", which.name())] = json!(acc);
+                    line.push(format!("{} loss {loss:.3} acc {acc:.1}%", which.name()));
+                }
+            }
             comm_mark = s.engine.comm_seconds;
-            progress.show(
-                t,
-                &format!(
-                    "forget loss {:.3} acc {:.1}% | remain loss {:.3} acc {:.1}% | {:.0} ms/it",
-                    windows.0.loss().unwrap_or(f64::NAN),
-                    windows.0.acc().unwrap_or(f64::NAN),
-                    windows.1.loss().unwrap_or(f64::NAN),
-                    windows.1.acc().unwrap_or(f64::NAN),
-                    1e3 * secs / windows.3.max(1) as f64
-                ),
-            );
+            progress.show(t, &format!("{} | {ms:.0} ms/it", line.join(" | ")));
             progress.record(rec)?;
-            windows = (Window::default(), Window::default(), Instant::now(), 0);
+            windows = Windows::new();
         }
         let what = format!("iteration {t}");
         if u.verify_every > 0 && t.is_multiple_of(u.verify_every) {
@@ -451,7 +697,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     if let Some(trace) = &mut s.trace {
         trace.0.flush()?;
     }
-    // Wall time of the unlearning itself (every resumed part, Fisher included).
+    // Wall time of the unlearning itself (every resumed part, preparation included).
     let elapsed = base_seconds + started.elapsed().as_secs_f64();
     progress.finish();
     let [f, r, te] = evaluate(&s, u.batch)?;
@@ -494,6 +740,34 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     Ok(Status::Done)
 }
 
+/// The metrics of each stream since the last metrics line.
+struct Windows {
+    streams: [Window; 3],
+    since: Instant,
+    iterations: u64,
+}
+
+impl Windows {
+    fn new() -> Self {
+        Windows {
+            streams: Default::default(),
+            since: Instant::now(),
+            iterations: 0,
+        }
+    }
+
+    fn add(&mut self, it: &Iteration) {
+        for (w, o) in self
+            .streams
+            .iter_mut()
+            .zip([it.forget, it.remain, it.union])
+        {
+            w.add(o);
+        }
+        self.iterations += 1;
+    }
+}
+
 impl Session<'_> {
     pub fn forget_len(&self) -> usize {
         self.inputs.forget().len()
@@ -516,6 +790,12 @@ fn stream(
     let (members, tag, batch) = match which {
         Which::Forget => (inputs.forget(), Stream::Forget, plan.unlearn.forget_batch),
         Which::Remain => (inputs.remain(), Stream::Remain, plan.unlearn.batch),
+        Which::Union => {
+            let mut all = inputs.remain();
+            all.extend(inputs.forget());
+            all.sort_unstable();
+            (all, Stream::Union, plan.unlearn.batch)
+        }
     };
     let sampler = Sampler::new(members, plan.seed, tag, batch, true, false);
     let loader = Inputs::loader(plan, &inputs.train, &plan.data.train_transform);

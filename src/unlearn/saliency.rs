@@ -1,5 +1,7 @@
-//! SFR-on's saliency (DESIGN §1.1): diagonal empirical Fisher of batch-mean
-//! cross-entropy gradients over the forget and remain sets, and the mask.
+//! Saliency masks. SFR-on's (DESIGN §1.1): diagonal empirical Fisher of
+//! batch-mean cross-entropy gradients over the forget and remain sets, and
+//! the mask. SalUn's (DESIGN §1.3): the top share of `|Σ_b ∇(−CE_b)|` over
+//! the forget set.
 //!
 //! Each Fisher term is the square of one *global* batch's mean gradient: every
 //! rank back-propagates the summed loss of its share, the engine all-reduces
@@ -90,6 +92,95 @@ fn fisher(
     }
     s.engine.zero_grad();
     Ok(Some((sum / batches.max(1) as f64, batches)))
+}
+
+/// SalUn's mask, flat: 1 on the `⌊fraction · N⌋` weights with the largest
+/// `|Σ_b ∇ mean_{i∈b} CE_i|` over the global forget batches `b` of `batch`
+/// (eval mode, train transforms; ties broken by parameter order), 0
+/// elsewhere. `None`: a stop was requested.
+///
+/// Equal for any rank count: a rank reads whole global batches (batch `k`
+/// on rank `k mod world`), so each batch's gradient is computed the same
+/// way whatever the rank count, and the batches' gradients are summed and
+/// reduced in f64, where the order of the sum is far below the f32
+/// gradients' precision.
+pub fn top_gradient_mask(s: &mut Session, fraction: f64, batch: usize) -> Result<Option<Tensor>> {
+    let (rank, world) = (s.comm.rank(), s.comm.size());
+    let mut sampler = Sampler::new(
+        s.inputs.forget(),
+        s.plan.seed,
+        Stream::Eval,
+        batch,
+        true,
+        false,
+    );
+    let mut owned = Vec::new();
+    let mut mine = 0;
+    for k in 0..sampler.batches_per_epoch() {
+        let global = sampler.global_batch(0, k);
+        s.trace("salun_mask", k as u64, &global)?;
+        if k % world == rank {
+            owned.extend(global);
+            mine += 1;
+        }
+    }
+    let loader = Inputs::loader(s.plan, &s.inputs.train, &s.plan.data.train_transform);
+    let in_order = Sampler::new(owned, s.plan.seed, Stream::Eval, batch, false, false);
+    let mut stream = BatchStream::new(in_order, loader, Cursor::default(), 0, 1);
+    let numel = s.engine.flat_grad().numel() as i64;
+    let mut sum = Tensor::zeros([numel], (Kind::Double, s.device));
+    for _ in 0..mine {
+        let b = stream.next_batch()?;
+        s.engine.zero_grad();
+        let local = backward_ce_sum(&s.model, &b, s.device, false);
+        let parts: Vec<Tensor> = s
+            .engine
+            .params
+            .iter()
+            .map(|p| {
+                let g = p.grad();
+                if g.defined() {
+                    g.reshape([-1])
+                } else {
+                    p.zeros_like().reshape([-1])
+                }
+            })
+            .collect();
+        let mean = Tensor::cat(&parts, 0).to_kind(Kind::Double) / local.count.max(1.0);
+        let _ = sum.g_add_(&mean);
+    }
+    s.engine.zero_grad();
+    let stop = s
+        .comm
+        .sum_scalar(f64::from(u8::from(s.engine.stop_requested())));
+    if stop > 0.0 {
+        return Ok(None);
+    }
+    s.comm.sum_tensor(&mut sum)?;
+    let score = sum.abs();
+    if !bool::try_from(score.isfinite().all())? {
+        bail!("the SalUn saliency pass: the gradient is not finite (the original model?)");
+    }
+    let k = (numel as f64 * fraction) as i64;
+    let order = score.argsort_stable(true, 0, true);
+    let mask = Tensor::zeros([numel], (Kind::Float, s.device));
+    let _ = mask
+        .shallow_clone()
+        .index_fill_(0, &order.narrow(0, 0, k), 1.0);
+    Ok(Some(mask))
+}
+
+/// Writes a flat mask as `<run folder>/mask.safetensors` (rank 0), one
+/// tensor per parameter.
+pub fn save_mask(s: &Session, mask: &Tensor, meta: BTreeMap<String, String>) -> Result<()> {
+    if s.comm.is_root() {
+        weights::save(
+            &s.plan.run_dir.join("mask.safetensors"),
+            &unflatten(s, mask, ""),
+            &meta,
+        )?;
+    }
+    Ok(())
 }
 
 /// What the Fisher depends on: a cache with another key is stale.

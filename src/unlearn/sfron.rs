@@ -25,15 +25,13 @@ use serde_json::json;
 use tch::{Kind, Reduction, Tensor};
 
 use super::saliency::{self, Fisher};
-use super::{Iteration, Method, Session, Which};
+use super::{Budget, Edit, Iteration, Method, Session, Which};
 use crate::config::{Saliency, SfronPlan};
 use crate::engine::progress::Progress;
 use crate::engine::{Local, Outcome, Scale, correct, schedule};
 
 /// Added to `ℓ_i^λ` before the reciprocal (DESIGN §1.2).
 const WEIGHT_EPS: f64 = 1e-15;
-/// PyTorch's `clip_grad_norm_` divides by `norm + 1e-6`.
-const CLIP_EPS: f64 = 1e-6;
 
 pub struct Sfron {
     plan: SfronPlan,
@@ -86,26 +84,21 @@ impl Sfron {
             s.engine.restore_buffers(&saved);
         }
         let mut out = s.reduce(local, Scale::Sum, t)?;
-        if out.applied {
-            let g = s.engine.flat_grad();
-            if let Some(mask) = &self.mask {
-                let _ = g.shallow_clone().g_mul_(mask);
-            }
-            if let Some(max_norm) = self.plan.clip {
-                let norm = g.norm().double_value(&[]);
-                let coef = max_norm / (norm + CLIP_EPS);
-                if coef < 1.0 {
-                    let _ = g.shallow_clone().g_mul_scalar_(coef);
-                }
-            }
-        }
-        s.engine
-            .step(&mut out, lr, &format!("iteration {t} (forget step)"))?;
+        let edit = Edit {
+            mask: self.mask.as_ref(),
+            clip: self.plan.clip,
+            freeze_masked: false,
+        };
+        s.finish(&mut out, &edit, lr, &format!("iteration {t} (forget step)"))?;
         Ok(out)
     }
 }
 
 impl Method for Sfron {
+    fn budget(&mut self, _: &mut Session) -> Budget {
+        Budget::iterations(self.plan.iterations, self.plan.lr)
+    }
+
     fn prepare(&mut self, s: &mut Session, progress: &mut Progress) -> Result<bool> {
         if self.plan.saliency == Saliency::None {
             return Ok(true);
@@ -133,16 +126,10 @@ impl Method for Sfron {
             "batches": {"forget": fisher.batches.0, "remain": fisher.batches.1},
             "kept_per_param": kept.iter().map(|(n, f)| (n.clone(), json!(f))).collect::<serde_json::Map<_, _>>(),
         }))?;
-        if s.comm.is_root() {
-            let mut meta = std::collections::BTreeMap::new();
-            meta.insert("sfron.saliency".into(), format!("{:?}", self.plan.saliency));
-            meta.insert("sfron.kept".into(), format!("{total}"));
-            crate::model::weights::save(
-                &s.plan.run_dir.join("mask.safetensors"),
-                &saliency::unflatten(s, &mask, ""),
-                &meta,
-            )?;
-        }
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("sfron.saliency".into(), format!("{:?}", self.plan.saliency));
+        meta.insert("sfron.kept".into(), format!("{total}"));
+        saliency::save_mask(s, &mask, meta)?;
         self.mask = Some(mask);
         Ok(true)
     }
@@ -155,7 +142,7 @@ impl Method for Sfron {
         } else {
             None
         };
-        let remain = Some(s.remain_step(t, lr)?);
+        let remain = Some(s.ce_step(Which::Remain, t, lr)?);
         if let Some(prev) = before {
             // θ ← θ_prev + β(θ − θ_prev)
             tch::no_grad(|| {
@@ -165,6 +152,10 @@ impl Method for Sfron {
                 }
             });
         }
-        Ok(Iteration { forget, remain })
+        Ok(Iteration {
+            forget,
+            remain,
+            union: None,
+        })
     }
 }

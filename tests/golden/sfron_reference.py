@@ -179,9 +179,6 @@ def main():
                     p.copy_(q + s["beta"] * (p - q))
 
     # Compare with sfron.
-    def rel(ours, ref):
-        return ((ours.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
-
     report["clip_bound"] = clip_bound
     sf = load_file(os.path.join(a.run, "fisher.safetensors"))
     report["fisher_forget"] = max(rel(sf["forget." + n], v) for n, v in f_forget.items())
@@ -195,22 +192,40 @@ def main():
         report["kept"] = sum(float((m != 0).sum()) for m in mask.values()) / sum(
             m.numel() for m in mask.values())
     ours = load_file(os.path.join(a.run, "model.safetensors"))
-    # A conv bias followed by BatchNorm has a zero gradient in exact
-    # arithmetic: its values are rounding noise (about 1e-6 here), and so
-    # is any "relative" difference of them. They are left out.
-    def compared(n):
-        return not n.endswith("num_batches_tracked") and not (
-            model.bn1 is not None and n.startswith("conv") and n.endswith(".bias"))
-    report["weights"], report["worst_tensor"] = max(
-        (rel(ours[n], v.detach()), n) for n, v in model.state_dict().items() if compared(n))
+    compare_weights(model, ours, report)
     bad += [k for k in ("fisher_forget", "fisher_remain", "weights") if report[k] > TOLERANCE]
+    finish(report, bad, "sfron")
+
+
+def rel(ours, ref):
+    """Largest difference relative to the tensor's largest magnitude."""
+    return ((ours.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def compared(model, name):
+    """A conv bias followed by BatchNorm has a zero gradient in exact
+    arithmetic: its values are rounding noise (about 1e-6 here), and so is
+    any "relative" difference of them. They are left out."""
+    return not name.endswith("num_batches_tracked") and not (
+        model.bn1 is not None and name.startswith("conv") and name.endswith(".bias"))
+
+
+def compare_weights(model, ours, report):
+    """report["weights"]: the largest relative difference of sfron's final
+    weights `ours` from the reference `model`, and which tensor."""
+    report["weights"], report["worst_tensor"] = max(
+        (rel(ours[n], v.detach()), n) for n, v in model.state_dict().items()
+        if compared(model, n))
     if os.environ.get("SFRON_REFERENCE_VERBOSE"):
         for n, v in model.state_dict().items():
-            if compared(n):
+            if compared(model, n):
                 print(n, rel(ours[n], v.detach()), v.abs().max().item(), file=sys.stderr)
+
+
+def finish(report, bad, what):
     print(json.dumps(report))
     if bad:
-        print(f"sfron differs from the reference in {bad}", file=sys.stderr)
+        print(f"{what} differs from the reference in {bad}", file=sys.stderr)
         sys.exit(1)
 
 
