@@ -90,6 +90,8 @@ pub struct Engine<'a> {
     max_skips: Option<u32>,
     pub skips_in_row: u32,
     pub skips_total: u64,
+    /// The configuration section of the non-finite policy, for messages.
+    pub section: &'static str,
     stop: signals::StopFlag,
     /// Seconds spent in the gradient all-reduce and the buffer broadcast
     /// (the distribution scheme's cost), since the engine was made.
@@ -136,6 +138,7 @@ impl<'a> Engine<'a> {
             max_skips,
             skips_in_row: 0,
             skips_total: 0,
+            section: "train",
             stop,
             comm_seconds: 0.0,
         }
@@ -225,7 +228,8 @@ impl<'a> Engine<'a> {
             self.skips_in_row += 1;
             let limit = match self.max_skips {
                 None => bail!(
-                    "{what}: the loss or gradient is not finite (train.nonfinite = \"error\")"
+                    "{what}: the loss or gradient is not finite ({}.nonfinite = \"error\")",
+                    self.section
                 ),
                 Some(limit) => limit,
             };
@@ -237,9 +241,10 @@ impl<'a> Engine<'a> {
             );
             if self.skips_in_row >= limit {
                 bail!(
-                    "{what}: {} non-finite steps in a row (train.max_skips = {limit}); \
+                    "{what}: {} non-finite steps in a row ({}.max_skips = {limit}); \
                      the weights are those of the last good step",
-                    self.skips_in_row
+                    self.skips_in_row,
+                    self.section
                 );
             }
             return Ok(());

@@ -499,7 +499,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     let split = inputs.split_hash();
     let optimizer = Optimizer::new(u.optimizer.clone(), model.parameters().len());
     let stop = StopFlag::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
-    let engine = Engine::new(comm, &model, optimizer, u.max_skips, stop);
+    let mut engine = Engine::new(comm, &model, optimizer, u.max_skips, stop);
+    engine.section = "unlearn";
 
     let mut s = Session {
         comm,
