@@ -8,7 +8,7 @@ use crate::cli::{BenchCommand, Cli, Command};
 use crate::comm::{Comm, CommMode};
 use crate::config::{self, Layers, RunPlan};
 use crate::train::{self, Status};
-use crate::{bench, device, doctor, exit, fsx, split, telemetry, unlearn};
+use crate::{bench, device, doctor, eval, exit, fsx, split, study, telemetry, unlearn};
 
 /// Runs the command and returns the process exit code (see [`crate::exit`]).
 pub fn run(cli: Cli) -> i32 {
@@ -61,6 +61,12 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
         }
         Command::Unlearn(args) => {
             return unlearn::run(comm, &plan, device, args);
+        }
+        Command::Eval(args) => {
+            return eval::run(comm, &plan, device, args);
+        }
+        Command::Study(_) => {
+            return study::run(comm, &plan, &layers, device);
         }
         Command::Doctor(args) => {
             let report = doctor::run(comm, &plan, device, args)?;

@@ -56,7 +56,7 @@ pub struct GlobalArgs {
 
 /// `--set` given after the subcommand. (A clap `global` list would let these
 /// replace the ones given before the subcommand; both must count.)
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct MoreSets {
     /// Set one key, e.g. `--set device.threads=4` (repeatable, highest precedence).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -80,6 +80,14 @@ impl Command {
                 sets
             }
             Command::Bench(BenchCommand::Data(a)) => a.more.sets.clone(),
+            Command::Eval(a) => {
+                let mut sets = a.more.sets.clone();
+                if let Some(split) = &a.split {
+                    sets.push(format!("data.split={}", split.display()));
+                }
+                sets
+            }
+            Command::Study(a) => a.more.sets.clone(),
         }
     }
 }
@@ -122,6 +130,14 @@ pub enum Command {
     /// --from ORIGINAL --split MANIFEST`). Writes the unlearned weights, run
     /// state and metrics to the run folder; resumes and exits 75 like `train`.
     Unlearn(UnlearnArgs),
+    /// Evaluate a model on a split (FA, UA, RA, TA, both MIAs, and with
+    /// `--reference RETRAIN` the KL/JS and the gaps to it); writes
+    /// `eval.json` and the per-example `examples.safetensors`.
+    Eval(EvalArgs),
+    /// The whole study from one config: split, original, Retrain, every
+    /// method of `study.methods` per seed of `study.seeds`, evaluations and
+    /// the report. Stages whose outputs exist and match are reused.
+    Study(StudyArgs),
     /// Measure a part of sfron (rates, printed as JSON lines).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -175,7 +191,7 @@ pub struct TrainArgs {
 }
 
 /// Test-only faults of `train` and `unlearn`, to prove the guards work.
-#[derive(Debug, Args, Clone, Copy)]
+#[derive(Debug, Default, Args, Clone, Copy)]
 pub struct FaultArgs {
     /// Test-only: a NaN in rank `--fault-rank`'s gradient at this step.
     #[arg(long, hide = true)]
@@ -195,7 +211,7 @@ pub struct FaultArgs {
     pub fault_rank: usize,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct UnlearnArgs {
     #[command(flatten)]
     pub more: MoreSets,
@@ -248,6 +264,27 @@ impl TrainArgs {
         }
         sets
     }
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// The weights to evaluate (safetensors).
+    #[arg(long, value_name = "WEIGHTS")]
+    pub model: PathBuf,
+    /// Shorthand for `--set data.split=FILE` (a manifest from `sfron split`).
+    #[arg(long, value_name = "MANIFEST")]
+    pub split: Option<PathBuf>,
+    /// Retrain's weights: adds KL/JS on the forget set and the gaps.
+    #[arg(long, value_name = "WEIGHTS")]
+    pub reference: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StudyArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
 }
 
 #[derive(Debug, Args)]

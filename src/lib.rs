@@ -14,7 +14,9 @@
 //! - [`model`]: the zoo with PyTorch names; safetensors weights in and out.
 //! - [`engine`]: the step skeleton (reduce, non-finite policy, optimizers,
 //!   checkpoints, preemption); [`train`]: `sfron train`; [`unlearn`]: `sfron
-//!   unlearn` (SFR-on in [`unlearn::sfron`]); [`eval`]: distributed scoring.
+//!   unlearn` (SFR-on in [`unlearn::sfron`]); [`eval`]: `sfron eval`
+//!   (per-example outputs, metrics, MIAs); [`study`]: `sfron study` (the
+//!   whole pipeline, stage reuse, the report).
 //! - [`fsx`]: atomic file writes.
 //!
 //! Threading rule: MPI is initialised once, in [`app::run`], and only the main
@@ -37,6 +39,7 @@ pub mod inputs;
 pub mod model;
 pub mod rng;
 pub mod split;
+pub mod study;
 pub mod telemetry;
 pub mod train;
 pub mod unlearn;

@@ -388,6 +388,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         model.arch.name()
     );
 
+    // Wall time of the training (a resume continues the clock of the earlier parts).
+    let base_seconds = state.elapsed_s;
+    let started = Instant::now();
     let mut step = start;
     let mut window = (Instant::now(), 0f64, 0f64, 0f64, 0u64);
     while step < end {
@@ -485,6 +488,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         if due {
             engine.verify_identical(&what)?;
             state.step = step;
+            state.elapsed_s = base_seconds + started.elapsed().as_secs_f64();
             if out.stop {
                 finish_checkpoint(
                     comm,
@@ -525,6 +529,14 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
             }
             _ => model.save(&out, final_meta(&state, &model, step))?,
         }
+        let summary = json!({
+            "command": command, "steps": end, "ranks": comm.size(),
+            "seconds": base_seconds + started.elapsed().as_secs_f64(),
+            "split": split,
+        });
+        let path = plan.run_dir.join("train.json");
+        crate::fsx::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(path = %out.display(), "{command} done");
     }
     comm.barrier();

@@ -220,6 +220,13 @@ fn gather_bytes(comm: &Comm) -> Result<(), String> {
     if all.len() != comm.size() {
         return Err(format!("{} entries for {} ranks", all.len(), comm.size()));
     }
+    // The same to rank 1 only.
+    let root = 1 % comm.size();
+    match comm.gather_bytes(&mine, root) {
+        Some(got) if comm.rank() == root && got == all => {}
+        None if comm.rank() != root => {}
+        other => return Err(format!("gather to rank {root}: {other:?}")),
+    }
     Ok(())
 }
 
@@ -657,6 +664,73 @@ fn baselines(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
     }
 }
 
+/// `sfron eval` on 1, 2 and 3 ranks: the same metrics and per-example
+/// outputs (logits included), bit for bit.
+fn evaluation(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
+    let root = std::path::Path::new(run_root);
+    let model = weights(run_root, "one").display().to_string();
+    let reference = weights(run_root, "two").display().to_string();
+    let split = root.join("slice.json").display().to_string();
+    let mut results = Vec::new();
+    for np in [1, 2, 3] {
+        let name = format!("eval-{np}");
+        let mut cmd = sfron_on(np);
+        for set in [
+            format!("run.root={run_root}"),
+            format!("run.name={name}"),
+            format!("data.root={MNIST}"),
+            "data.train_limit=600".into(),
+            "data.test_limit=300".into(),
+            "data.workers=0".into(),
+            "device.threads=1".into(),
+            "eval.batch=64".into(),
+            "eval.logits=true".into(),
+        ] {
+            cmd.args(["--set", &set]);
+        }
+        cmd.args([
+            "eval",
+            "--model",
+            &model,
+            "--reference",
+            &reference,
+            "--split",
+            &split,
+        ]);
+        let o = run(cmd, Duration::from_secs(180));
+        if o.code != Some(0) {
+            report(&format!("eval_on_{np}_ranks"), false, &o);
+            return;
+        }
+        let dir = root.join(&name);
+        let eval: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+        let examples = std::fs::read(dir.join("examples.safetensors")).unwrap();
+        let digest = sfron::model::weights::content_digest(&examples).unwrap();
+        results.push((
+            eval["metrics"].clone(),
+            eval["reference_metrics"].clone(),
+            eval["gap"].clone(),
+            digest,
+            o,
+        ));
+    }
+    for k in 1..results.len() {
+        let (a, b) = (&results[0], &results[k]);
+        let same = a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3;
+        println!(
+            "eval 1 vs {} ranks: metrics identical {}, examples identical {} (FA {} MIA {} MIA-efficacy {})",
+            k + 1,
+            a.0 == b.0 && a.1 == b.1 && a.2 == b.2,
+            a.3 == b.3,
+            b.0["forget_acc"],
+            b.0["mia_entropy"],
+            b.0["mia_efficacy"]
+        );
+        report(&format!("eval_1_rank_equals_{}_ranks", k + 1), same, &b.4);
+    }
+}
+
 fn driver() -> i32 {
     let run_root = std::env::temp_dir().join(format!("sfron-mpi-test-{}", std::process::id()));
     let run_root = run_root.display().to_string();
@@ -736,6 +810,7 @@ fn driver() -> i32 {
     training(&run_root, &mut report);
     unlearning(&run_root, &mut report);
     baselines(&run_root, &mut report);
+    evaluation(&run_root, &mut report);
 
     let _ = std::fs::remove_dir_all(&run_root);
     println!("\nmpi: {passed} passed, {failed} failed");

@@ -9,26 +9,10 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 mod support;
-use support::{same_bits, temp_dir, test_seed};
+use support::{python, same_bits, sfron, temp_dir, test_seed, text};
 
 const MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-fn sfron(sets: &[String], args: &[&str]) -> Output {
-    let mut cmd = support::sfron_alone();
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    cmd.args(args).output().expect("run sfron")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn ok(o: &Output, what: &str) {
     assert!(o.status.success(), "{what} failed:\n{}", text(o));
@@ -222,10 +206,6 @@ fn settings_json(case: &Case, iterations: u64) -> String {
         };
     }
     v.to_string()
-}
-
-fn python() -> String {
-    std::env::var("SFRON_TORCH_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 #[test]

@@ -328,6 +328,18 @@ impl Comm {
         }
     }
 
+    /// Every rank's bytes, in rank order, on `root` (`None` on the others).
+    pub fn gather_bytes(&self, bytes: &[u8], root: usize) -> Option<Vec<Vec<u8>>> {
+        match &self.inner {
+            Inner::Local => {
+                let _ = root; // one rank: it is the root
+                Some(vec![bytes.to_vec()])
+            }
+            #[cfg(feature = "mpi")]
+            Inner::Mpi(w) => w.gather_bytes(bytes, root),
+        }
+    }
+
     /// Element-wise all-reduce of a tensor in place. Float, Double and Int64
     /// tensors on any device; CPU-contiguous tensors are reduced without a copy,
     /// others through a host buffer.

@@ -96,28 +96,65 @@ impl MpiWorld {
         let mut counts = vec![0i32; size];
         let count = i32::try_from(bytes.len()).expect("all_gather_bytes of more than 2 GiB");
         self.world.all_gather_into(&count, &mut counts[..]);
-        let displs: Vec<i32> = counts
-            .iter()
-            .scan(0i32, |offset, &c| {
-                let d = *offset;
-                *offset += c;
-                Some(d)
-            })
-            .collect();
+        let displs = displacements(&counts);
         let total: i32 = counts.iter().sum();
         let mut gathered = vec![0u8; total as usize];
         {
             let mut partition = PartitionMut::new(&mut gathered[..], &counts[..], &displs[..]);
             self.world.all_gather_varcount_into(bytes, &mut partition);
         }
-        counts
-            .iter()
-            .zip(&displs)
-            .map(|(&c, &d)| gathered[d as usize..(d + c) as usize].to_vec())
-            .collect()
+        split_at(&gathered, &counts, &displs)
+    }
+
+    pub(super) fn gather_bytes(&self, bytes: &[u8], root: usize) -> Option<Vec<Vec<u8>>> {
+        // Open MPI's MPI_Gatherv rejects a zero-length send from a non-root
+        // rank (MPI_ERR_ARG): every rank sends one leading byte, dropped here.
+        let mut sent = Vec::with_capacity(bytes.len() + 1);
+        sent.push(0u8);
+        sent.extend_from_slice(bytes);
+        let size = self.topology.size;
+        let count = i32::try_from(sent.len()).expect("gather_bytes of more than 2 GiB");
+        let process = self.world.process_at_rank(root as i32);
+        if self.topology.rank != root {
+            process.gather_into(&count);
+            process.gather_varcount_into(&sent[..]);
+            return None;
+        }
+        let mut counts = vec![0i32; size];
+        process.gather_into_root(&count, &mut counts[..]);
+        let displs = displacements(&counts);
+        let total: i32 = counts.iter().sum();
+        let mut gathered = vec![0u8; total as usize];
+        {
+            let mut partition = PartitionMut::new(&mut gathered[..], &counts[..], &displs[..]);
+            process.gather_varcount_into_root(&sent[..], &mut partition);
+        }
+        let parts = split_at(&gathered, &counts, &displs);
+        Some(parts.into_iter().map(|mut p| p.split_off(1)).collect())
     }
 
     pub(super) fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
     }
+}
+
+/// Offsets of consecutive blocks of `counts` bytes.
+fn displacements(counts: &[i32]) -> Vec<i32> {
+    counts
+        .iter()
+        .scan(0i32, |offset, &c| {
+            let d = *offset;
+            *offset += c;
+            Some(d)
+        })
+        .collect()
+}
+
+/// The blocks of `gathered` at `displs`, `counts` long.
+fn split_at(gathered: &[u8], counts: &[i32], displs: &[i32]) -> Vec<Vec<u8>> {
+    counts
+        .iter()
+        .zip(displs)
+        .map(|(&c, &d)| gathered[d as usize..(d + c) as usize].to_vec())
+        .collect()
 }

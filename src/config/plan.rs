@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use super::raw::{
-    CheckpointSection, DataFormat, DeviceKind, EpochSchedule, LogSection, NonFinite, OnCorrupt,
-    OptimizerName, SaliencyName, ScheduleName, TrainOn, TransformName, UnlearnMethod,
+    CheckpointSection, DataFormat, DeviceKind, EpochSchedule, EvalSection, LogSection, NonFinite,
+    OnCorrupt, OptimizerName, SaliencyName, ScheduleName, StudySection, TrainOn, TransformName,
+    UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -50,6 +51,8 @@ pub struct RunPlan {
     pub unlearn: UnlearnPlan,
     pub sfron: SfronPlan,
     pub baselines: Baselines,
+    pub eval: EvalSection,
+    pub study: StudySection,
     pub topology: Topology,
     /// The merged configuration this plan came from (for printing and saving).
     pub config: LoadedConfig,
@@ -98,6 +101,24 @@ impl RunPlan {
         let unlearn = unlearn_plan(&config)?;
         let sfron = sfron_plan(&config, &unlearn)?;
         let baselines = baselines_plan(&config, &unlearn)?;
+        if raw.eval.batch == 0 {
+            return Err(config.key_error("eval.batch", "must be at least 1"));
+        }
+        if raw.study.seeds.is_empty() {
+            return Err(config.key_error("study.seeds", "name at least one seed"));
+        }
+        if raw.study.methods.is_empty() {
+            return Err(config.key_error("study.methods", "name at least one method"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in &raw.study.seeds {
+            if !seen.insert(seed) {
+                return Err(config.key_error("study.seeds", format!("seed {seed} is listed twice")));
+            }
+        }
+        if let Err(e) = crate::data::Scenario::parse(&raw.study.scenario, 0) {
+            return Err(config.key_error("study.scenario", e.to_string()));
+        }
         if raw.checkpoint.keep_last == 0 {
             return Err(config.key_error(
                 "checkpoint.keep_last",
@@ -112,6 +133,8 @@ impl RunPlan {
             unlearn,
             sfron,
             baselines,
+            eval: raw.eval.clone(),
+            study: raw.study.clone(),
             run_dir: PathBuf::from(&raw.run.root).join(name),
             seed: raw.run.seed,
             device: raw.device.kind,

@@ -59,6 +59,8 @@ pub struct RawConfig {
     pub bad_teacher: BadTeacherSection,
     pub scrub: ScrubSection,
     pub l1_sparse: L1SparseSection,
+    pub eval: EvalSection,
+    pub study: StudySection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -373,6 +375,51 @@ impl Default for CheckpointSection {
             keep_last: 2,
             milestones: Vec::new(),
             resume: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Samples per forward pass of `sfron eval`.
+    pub batch: usize,
+    /// Also write every sample's logits to `examples.safetensors` (4 bytes × classes per sample).
+    pub logits: bool,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            batch: 256,
+            logits: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudySection {
+    /// The forget set, as `sfron split --scenario` takes it: `random:0.1`, `class:3`, `list:FILE`.
+    pub scenario: String,
+    /// One split (random scenarios), Retrain and set of unlearning runs per seed.
+    pub seeds: Vec<u64>,
+    /// The unlearning methods compared with Retrain.
+    pub methods: Vec<UnlearnMethod>,
+    /// Weights of an original model to start from ("" = train it in the study).
+    pub original: String,
+}
+
+impl Default for StudySection {
+    fn default() -> Self {
+        StudySection {
+            scenario: "random:0.1".into(),
+            seeds: vec![0],
+            methods: UnlearnMethod::NAMES
+                .iter()
+                .map(|n| UnlearnMethod::try_from(n.to_string()).expect("a listed name"))
+                .collect(),
+            original: String::new(),
         }
     }
 }

@@ -347,7 +347,7 @@ pub fn teacher_logits(teacher: &Model, x: &Tensor) -> Tensor {
 }
 
 /// The hash of what determines an unlearning run's result.
-fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &str) -> String {
+pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &str) -> String {
     let raw = &plan.config.raw;
     let mut unlearn = raw.unlearn.clone();
     unlearn.from = String::new();

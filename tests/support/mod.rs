@@ -29,6 +29,35 @@ pub fn sfron_alone() -> Command {
     cmd
 }
 
+/// `sfron --set S… ARGS…` alone (see [`sfron_alone`]), run to completion.
+#[allow(dead_code)]
+pub fn sfron(sets: &[String], args: &[&str]) -> std::process::Output {
+    let mut cmd = sfron_alone();
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.args(args).output().expect("run sfron")
+}
+
+/// A finished command's stdout then stderr.
+#[allow(dead_code)]
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The interpreter of the PyTorch references (launch/setup records it).
+#[allow(dead_code)]
+pub fn python() -> String {
+    std::env::var("SFRON_TORCH_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .expect("SFRON_TORCH_PYTHON is not set: run the tests through launch/test (it sources target/sfron-env.sh)")
+}
+
 /// The tensors of a safetensors file, by name, as f32 values.
 #[allow(dead_code)]
 pub fn tensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {

@@ -1,0 +1,154 @@
+//! Per-example outputs of `sfron eval`, and their file: `examples.safetensors`
+//! (loads with `safetensors.numpy.load_file` or `safetensors.torch.load_file`),
+//! one row per sample in the order forget, remain, test (each by index):
+//!
+//! | tensor | dtype | meaning |
+//! |---|---|---|
+//! | `subset` | u8 | 0 forget, 1 remain, 2 test |
+//! | `index` | i64 | index in the training part (forget, remain) or the test part |
+//! | `label` | i64 | true class |
+//! | `loss` | f32 | cross-entropy |
+//! | `confidence` | f32 | softmax probability of the true class |
+//! | `entropy` | f32 | softmax entropy (nats) |
+//! | `correct` | u8 | top-1 prediction is the label |
+//! | `kl`, `js` | f32 | KL(reference ‖ model) and JS divergence (with `--reference`) |
+//! | `logits` | f32 [n, classes] | with `eval.logits = true` |
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use tch::{Kind, Tensor};
+
+use crate::model::weights;
+
+/// Which part of the split a row belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Subset {
+    Forget = 0,
+    Remain = 1,
+    Test = 2,
+}
+
+impl Subset {
+    pub const ALL: [Subset; 3] = [Subset::Forget, Subset::Remain, Subset::Test];
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Examples {
+    pub subset: Vec<u8>,
+    pub index: Vec<i64>,
+    pub label: Vec<i64>,
+    pub loss: Vec<f32>,
+    pub confidence: Vec<f32>,
+    pub entropy: Vec<f32>,
+    pub correct: Vec<u8>,
+    pub kl: Option<Vec<f32>>,
+    pub js: Option<Vec<f32>>,
+    /// Row-major `[rows, classes]`.
+    pub logits: Option<Vec<f32>>,
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        self.subset.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subset.is_empty()
+    }
+
+    /// The values of `column` on the rows of `subset`.
+    pub fn of(&self, subset: Subset, column: &[f32]) -> Vec<f64> {
+        (0..self.len())
+            .filter(|&i| self.subset[i] == subset as u8)
+            .map(|i| column[i] as f64)
+            .collect()
+    }
+
+    /// Writes the file atomically, with `metadata`.
+    pub fn save(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<()> {
+        let n = self.len() as i64;
+        let mut tensors = vec![
+            ("subset".to_string(), Tensor::from_slice(&self.subset)),
+            ("index".into(), Tensor::from_slice(&self.index)),
+            ("label".into(), Tensor::from_slice(&self.label)),
+            ("loss".into(), Tensor::from_slice(&self.loss)),
+            ("confidence".into(), Tensor::from_slice(&self.confidence)),
+            ("entropy".into(), Tensor::from_slice(&self.entropy)),
+            ("correct".into(), Tensor::from_slice(&self.correct)),
+        ];
+        if let Some(kl) = &self.kl {
+            tensors.push(("kl".into(), Tensor::from_slice(kl)));
+        }
+        if let Some(js) = &self.js {
+            tensors.push(("js".into(), Tensor::from_slice(js)));
+        }
+        if let Some(logits) = &self.logits {
+            let classes = if n == 0 { 0 } else { logits.len() as i64 / n };
+            tensors.push((
+                "logits".into(),
+                Tensor::from_slice(logits).view([n, classes]),
+            ));
+        }
+        weights::save(path, &tensors, metadata)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Reads a file written by [`Examples::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let (tensors, _) = weights::load(path)?;
+        let map: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+        let get = |name: &str, kind: Kind| -> Result<Tensor> {
+            let t = map
+                .get(name)
+                .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
+            if t.kind() != kind {
+                bail!(
+                    "{}: `{name}` is {:?}, expected {kind:?}",
+                    path.display(),
+                    t.kind()
+                );
+            }
+            Ok(t.flatten(0, -1))
+        };
+        let f32s =
+            |name: &str| -> Result<Vec<f32>> { Ok(Vec::<f32>::try_from(get(name, Kind::Float)?)?) };
+        let optional = |name: &str| -> Result<Option<Vec<f32>>> {
+            if map.contains_key(name) {
+                f32s(name).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let ex = Examples {
+            subset: Vec::<u8>::try_from(get("subset", Kind::Uint8)?)?,
+            index: Vec::<i64>::try_from(get("index", Kind::Int64)?)?,
+            label: Vec::<i64>::try_from(get("label", Kind::Int64)?)?,
+            loss: f32s("loss")?,
+            confidence: f32s("confidence")?,
+            entropy: f32s("entropy")?,
+            correct: Vec::<u8>::try_from(get("correct", Kind::Uint8)?)?,
+            kl: optional("kl")?,
+            js: optional("js")?,
+            logits: optional("logits")?,
+        };
+        let n = ex.len();
+        let columns = [
+            ex.index.len(),
+            ex.label.len(),
+            ex.loss.len(),
+            ex.confidence.len(),
+            ex.entropy.len(),
+            ex.correct.len(),
+        ];
+        if columns.iter().any(|&c| c != n)
+            || ex.kl.as_ref().is_some_and(|v| v.len() != n)
+            || ex.js.as_ref().is_some_and(|v| v.len() != n)
+        {
+            bail!("{}: the columns have different lengths", path.display());
+        }
+        Ok(ex)
+    }
+}

@@ -1,0 +1,400 @@
+//! `sfron study`: the whole comparison from one config (DESIGN §2, §4).
+//!
+//! ```text
+//! <run folder>/original/              sfron train (all training data, run.seed),
+//!                                     unless study.original names the weights
+//! <run folder>/seed-S/split.json      sfron split --scenario <study.scenario> (seed S)
+//! <run folder>/seed-S/retrain/        sfron train --on remain
+//! <run folder>/seed-S/<method>/       sfron unlearn --method <method> --from original
+//! <run folder>/seed-S/eval/<name>/    sfron eval (methods and the original against Retrain)
+//! <run folder>/report.{json,md}, plots/*.svg
+//! ```
+//!
+//! Every stage is the ordinary command with `--set`s over the study's
+//! config, so any stage can be rerun by hand. A stage records its key in
+//! `stage.json` (the run's recipe hash, which covers the config, the data,
+//! the split and the weights it starts from; for evaluations the digests of
+//! the weights compared) and, when done, the SHA-256 of its outputs. A rerun
+//! skips a stage whose key and outputs match, resumes one that was
+//! interrupted (exit 75 from SIGTERM/SIGUSR1 ends the study the same way),
+//! and starts over a stage whose key changed.
+
+mod plots;
+mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use crate::comm::Comm;
+use crate::config::{self, Layers, RunPlan};
+use crate::data::{Manifest, Part, Scenario};
+use crate::eval::{self, Evaluation, Examples};
+use crate::fsx::{sha256_hex, write_atomic};
+use crate::inputs::Inputs;
+use crate::model::weights;
+use crate::train::{self, MODEL_FILE, Status};
+use crate::unlearn;
+pub use report::{Row, Summary};
+
+const STAGE_FILE: &str = "stage.json";
+
+/// What a stage folder records about itself.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StageRecord {
+    key: String,
+    done: bool,
+    /// Output file → SHA-256 of its bytes.
+    outputs: BTreeMap<String, String>,
+}
+
+/// One evaluated model of one seed (rank 0).
+pub struct Evaluated {
+    pub name: String,
+    pub evaluation: Evaluation,
+    pub examples: Option<Examples>,
+}
+
+pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Result<Status> {
+    if plan.data.split.is_some() {
+        bail!(
+            "data.split is set, but a study makes its own splits (study.scenario): remove data.split"
+        );
+    }
+    let root = plan.run_dir.clone();
+    let study = &plan.study;
+    tracing::info!(study = %root.display(), scenario = %study.scenario, seeds = ?study.seeds,
+        methods = ?study.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(), "study");
+
+    let original = if study.original.is_empty() {
+        let original_plan = stage_plan(comm, layers, &root, "original", &["train.on=all".into()])?;
+        if train_stage(comm, &original_plan, device)? == Status::Preempted {
+            return Ok(Status::Preempted);
+        }
+        original_plan.run_dir.join(MODEL_FILE)
+    } else {
+        let given = PathBuf::from(&study.original);
+        if !given.is_file() {
+            bail!("{} (study.original): no such weights file", given.display());
+        }
+        given
+    };
+
+    let mut per_seed: Vec<(u64, Vec<Evaluated>)> = Vec::new();
+    for &seed in &study.seeds {
+        let seed_root = root.join(format!("seed-{seed}"));
+        let split = seed_root.join("split.json");
+        make_split(comm, plan, layers, &seed_root, seed, &split)?;
+        let common = vec![
+            format!("run.seed={seed}"),
+            format!("data.split={}", split.display()),
+        ];
+        let with = |extra: &[String]| [common.clone(), extra.to_vec()].concat();
+
+        let retrain_plan = stage_plan(
+            comm,
+            layers,
+            &seed_root,
+            "retrain",
+            &with(&["train.on=remain".into()]),
+        )?;
+        if train_stage(comm, &retrain_plan, device)? == Status::Preempted {
+            return Ok(Status::Preempted);
+        }
+        let retrain = retrain_plan.run_dir.join(MODEL_FILE);
+
+        let mut models: Vec<(String, PathBuf)> = vec![
+            ("original".into(), original.clone()),
+            ("retrain".into(), retrain.clone()),
+        ];
+        for method in &study.methods {
+            let sets = with(&[
+                format!("unlearn.method={}", method.as_str()),
+                format!("unlearn.from={}", original.display()),
+            ]);
+            let p = stage_plan(comm, layers, &seed_root, method.as_str(), &sets)?;
+            if unlearn_stage(comm, &p, device, &original)? == Status::Preempted {
+                return Ok(Status::Preempted);
+            }
+            models.push((method.as_str().into(), p.run_dir.join(MODEL_FILE)));
+        }
+
+        // Retrain first: it is the reference of the others (its gaps are 0
+        // by definition), and its metrics are computed once.
+        models.swap(0, 1);
+        let mut evaluated: Vec<Evaluated> = Vec::new();
+        let mut retrain_metrics = None;
+        for (name, model) in &models {
+            let reference = (name != "retrain").then(|| eval::Reference {
+                path: retrain.as_path(),
+                metrics: retrain_metrics.clone(),
+            });
+            let p = stage_plan(comm, layers, &seed_root.join("eval"), name, &common)?;
+            let done = eval_stage(comm, &p, device, model, reference)?;
+            // Every rank needs Retrain's metrics to know what to skip.
+            let mut bytes = done
+                .as_ref()
+                .map(|e| serde_json::to_vec(&e.0.metrics))
+                .transpose()?
+                .unwrap_or_default();
+            if name == "retrain" {
+                comm.broadcast_bytes(&mut bytes, 0);
+                retrain_metrics = Some(serde_json::from_slice(&bytes)?);
+            }
+            if let Some(e) = done {
+                evaluated.push(Evaluated {
+                    name: name.clone(),
+                    evaluation: e.0,
+                    examples: Some(e.1),
+                });
+            }
+        }
+        // The report's order: original, Retrain, the methods.
+        if evaluated.len() > 1 {
+            evaluated.swap(0, 1);
+        }
+        per_seed.push((seed, evaluated));
+    }
+
+    if comm.is_root() {
+        let summary = report::write(&root, plan, &per_seed)?;
+        print!("{}", summary.table);
+        println!("report: {}", root.join("report.md").display());
+    }
+    comm.barrier();
+    Ok(Status::Done)
+}
+
+/// The plan of one stage: the study's layers plus `run.root`, `run.name`
+/// and `sets`.
+fn stage_plan(
+    comm: &Comm,
+    layers: &Layers,
+    root: &Path,
+    name: &str,
+    sets: &[String],
+) -> Result<RunPlan> {
+    let mut l = layers.clone();
+    l.sets.push(format!("run.root={}", root.display()));
+    l.sets.push(format!("run.name={name}"));
+    l.sets.extend(sets.iter().cloned());
+    let loaded = config::load(&l)?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    Ok(RunPlan::new(loaded, comm.topology(), cores)?)
+}
+
+/// Rank 0 writes the seed's split unless the same one is already there.
+fn make_split(
+    comm: &Comm,
+    plan: &RunPlan,
+    layers: &Layers,
+    seed_root: &Path,
+    seed: u64,
+    out: &Path,
+) -> Result<()> {
+    if comm.is_root() {
+        let p = stage_plan(
+            comm,
+            layers,
+            seed_root,
+            "split",
+            &[format!("run.seed={seed}")],
+        )?;
+        let train = Inputs::open_part(&p, Part::Train)?;
+        let scenario = Scenario::parse(&plan.study.scenario, seed)
+            .with_context(|| "study.scenario".to_string())?;
+        let manifest = Manifest::create(&train, scenario)?;
+        let same = Manifest::load(out).is_ok_and(|old| old == manifest);
+        if !same {
+            std::fs::create_dir_all(seed_root)
+                .with_context(|| format!("creating {}", seed_root.display()))?;
+            manifest.save(out)?;
+            tracing::info!(path = %out.display(), forget = manifest.forget.len(), "wrote the split");
+        }
+    }
+    comm.barrier();
+    Ok(())
+}
+
+fn train_stage(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
+    let inputs = Inputs::open(plan)?;
+    let command = if plan.train.on_remain {
+        "retrain"
+    } else {
+        "train"
+    };
+    let key = format!("{command}:{}", train::recipe_hash(plan, &inputs, command));
+    let outputs = [MODEL_FILE, "train.json"];
+    if begin(comm, &plan.run_dir, &key, &outputs)? {
+        return Ok(Status::Done);
+    }
+    let faults = train::Faults::from_args(&crate::cli::FaultArgs::default());
+    let status = train::run(comm, plan, device, faults)?;
+    if status == Status::Done {
+        finish(comm, &plan.run_dir, &key, &outputs)?;
+    }
+    Ok(status)
+}
+
+fn unlearn_stage(comm: &Comm, plan: &RunPlan, device: Device, from: &Path) -> Result<Status> {
+    let inputs = Inputs::open(plan)?;
+    let from_hash = format!(
+        "sha256:{}",
+        weights::content_digest(&weights::read(from)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", from.display()))?
+    );
+    let command = format!("unlearn:{}", plan.unlearn.method.as_str());
+    let key = unlearn::recipe_hash(plan, &inputs, &command, &from_hash);
+    let outputs = [MODEL_FILE, "unlearn.json"];
+    if begin(comm, &plan.run_dir, &key, &outputs)? {
+        return Ok(Status::Done);
+    }
+    let args = crate::cli::UnlearnArgs::default();
+    let status = unlearn::run(comm, plan, device, &args)?;
+    if status == Status::Done {
+        finish(comm, &plan.run_dir, &key, &outputs)?;
+    }
+    Ok(status)
+}
+
+/// Evaluates `model` (against `reference`), or reads a matching earlier
+/// evaluation; rank 0 gets it with its examples.
+fn eval_stage(
+    comm: &Comm,
+    plan: &RunPlan,
+    device: Device,
+    model: &Path,
+    reference: Option<eval::Reference>,
+) -> Result<Option<(Evaluation, Examples)>> {
+    let digest = |p: &Path| -> Result<String> {
+        weights::content_digest(&weights::read(p)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    };
+    let inputs = Inputs::open(plan)?;
+    let key = format!(
+        "eval:sha256:{}",
+        sha256_hex(
+            serde_json::json!({
+                "model": digest(model)?,
+                "reference": reference.as_ref().map(|r| digest(r.path)).transpose()?,
+                "split": inputs.split_hash(),
+                "data": inputs.identity(plan),
+                "test_transform": format!("{:?}", plan.data.test_transform),
+                "arch": plan.model.arch.name(),
+                "eval": plan.eval,
+            })
+            .to_string()
+            .as_bytes()
+        )
+    );
+    let outputs = [eval::EVAL_FILE, eval::EXAMPLES_FILE];
+    if begin(comm, &plan.run_dir, &key, &outputs)? {
+        if !comm.is_root() {
+            return Ok(None);
+        }
+        let path = plan.run_dir.join(eval::EVAL_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let evaluation: Evaluation = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not an evaluation", path.display()))?;
+        let examples = Examples::load(&plan.run_dir.join(eval::EXAMPLES_FILE))?;
+        return Ok(Some((evaluation, examples)));
+    }
+    let done = eval::evaluate_files(comm, plan, device, model, reference)?;
+    finish(comm, &plan.run_dir, &key, &outputs)?;
+    Ok(done)
+}
+
+/// Whether the stage in `dir` is done under `key` with its outputs intact
+/// (rank 0 decides, every rank learns it). When it is not, a folder that
+/// another key left is cleared and `key` is recorded as started.
+fn begin(comm: &Comm, dir: &Path, key: &str, outputs: &[&str]) -> Result<bool> {
+    let mut verdict = [0u8];
+    if comm.is_root() {
+        let record = read_record(dir);
+        let intact = |r: &StageRecord| {
+            outputs.iter().all(|o| {
+                r.outputs.get(*o).is_some_and(|digest| {
+                    std::fs::read(dir.join(o)).is_ok_and(|b| &sha256_hex(&b) == digest)
+                })
+            })
+        };
+        match &record {
+            Some(r) if r.key == key && r.done && intact(r) => verdict[0] = 1,
+            Some(r) if r.key != key => {
+                tracing::info!(stage = %dir.display(), "the stage's inputs changed: starting it over");
+                std::fs::remove_dir_all(dir)
+                    .with_context(|| format!("clearing {}", dir.display()))?;
+            }
+            _ => {}
+        }
+        if verdict[0] == 0 {
+            write_record(
+                dir,
+                &StageRecord {
+                    key: key.into(),
+                    ..StageRecord::default()
+                },
+            )?;
+        }
+    }
+    comm.broadcast(&mut verdict, 0);
+    if verdict[0] == 1 {
+        tracing::info!(stage = %dir.display(), "reused");
+    }
+    Ok(verdict[0] == 1)
+}
+
+/// Rank 0 records the stage as done with its outputs' digests.
+fn finish(comm: &Comm, dir: &Path, key: &str, outputs: &[&str]) -> Result<()> {
+    if comm.is_root() {
+        let mut record = StageRecord {
+            key: key.into(),
+            done: true,
+            outputs: BTreeMap::new(),
+        };
+        for o in outputs {
+            let path = dir.join(o);
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            record.outputs.insert((*o).into(), sha256_hex(&bytes));
+        }
+        write_record(dir, &record)?;
+    }
+    comm.barrier();
+    Ok(())
+}
+
+fn read_record(dir: &Path) -> Option<StageRecord> {
+    let text = std::fs::read_to_string(dir.join(STAGE_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_record(dir: &Path, record: &StageRecord) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(STAGE_FILE);
+    write_atomic(&path, serde_json::to_string_pretty(record)?.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The methods' display names, in the report's order.
+pub fn display_name(name: &str) -> &str {
+    match name {
+        "original" => "Original",
+        "retrain" => "Retrain",
+        "sfron" => "SFR-on",
+        "ft" => "FT",
+        "ga" => "GA",
+        "rl" => "RL",
+        "salun" => "SalUn",
+        "bad_teacher" => "Bad Teacher",
+        "scrub" => "SCRUB",
+        "l1_sparse" => "ℓ1-sparse",
+        other => other,
+    }
+}
