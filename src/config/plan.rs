@@ -226,6 +226,7 @@ pub struct UnlearnPlan {
     pub log_every: u64,
     pub eval_every: u64,
     pub eval_before: bool,
+    pub eval_after: bool,
     pub max_skips: Option<u32>,
     pub verify_every: u64,
 }
@@ -405,6 +406,7 @@ fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
         log_every: u.log_every.max(1) as u64,
         eval_every: u.eval_every,
         eval_before: u.eval_before,
+        eval_after: u.eval_after,
         max_skips: match u.nonfinite {
             NonFinite::Skip => Some(u.max_skips.max(1)),
             NonFinite::Error => None,

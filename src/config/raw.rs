@@ -496,6 +496,9 @@ pub struct UnlearnSection {
     pub eval_every: u64,
     /// Also measure them before the first iteration (the original's numbers).
     pub eval_before: bool,
+    /// Measure them after the last iteration, for `unlearn.json` (a study
+    /// turns this and `eval_before` off: its evaluation stage measures).
+    pub eval_after: bool,
     pub nonfinite: NonFinite,
     pub max_skips: u32,
     /// Compare a digest of every rank's weights every this many iterations (0 = at checkpoints only).
@@ -518,6 +521,7 @@ impl Default for UnlearnSection {
             log_every: 20,
             eval_every: 0,
             eval_before: true,
+            eval_after: true,
             nonfinite: NonFinite::Skip,
             max_skips: 5,
             verify_every: 0,

@@ -114,6 +114,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
             let sets = with(&[
                 format!("unlearn.method={}", method.as_str()),
                 format!("unlearn.from={}", original.display()),
+                // The evaluation stage measures; the run need not.
+                "unlearn.eval_before=false".into(),
+                "unlearn.eval_after=false".into(),
             ]);
             let p = stage_plan(comm, layers, &seed_root, method.as_str(), &sets)?;
             if unlearn_stage(comm, &p, device, &original)? == Status::Preempted {

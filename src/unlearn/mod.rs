@@ -354,6 +354,8 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &s
     unlearn.log_every = 0;
     unlearn.eval_every = 0;
     unlearn.verify_every = 0;
+    unlearn.eval_before = false;
+    unlearn.eval_after = false;
     let recipe = json!({
         "command": command,
         "seed": plan.seed,
@@ -701,12 +703,18 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     // Wall time of the unlearning itself (every resumed part, preparation included).
     let elapsed = base_seconds + started.elapsed().as_secs_f64();
     progress.finish();
-    let [f, r, te] = evaluate(&s, u.batch)?;
-    progress.record(
-        json!({"event": "final", "step": end, "forget_acc": f.accuracy(),
-        "remain_acc": r.accuracy(), "test_acc": te.accuracy(), "forget_loss": f.mean_loss(),
-        "remain_loss": r.mean_loss(), "test_loss": te.mean_loss(), "seconds": elapsed}),
-    )?;
+    let after = if u.eval_after {
+        let [f, r, te] = evaluate(&s, u.batch)?;
+        progress.record(
+            json!({"event": "final", "step": end, "forget_acc": f.accuracy(),
+            "remain_acc": r.accuracy(), "test_acc": te.accuracy(), "forget_loss": f.mean_loss(),
+            "remain_loss": r.mean_loss(), "test_loss": te.mean_loss(), "seconds": elapsed}),
+        )?;
+        Some([f.accuracy(), r.accuracy(), te.accuracy()])
+    } else {
+        progress.record(json!({"event": "final", "step": end, "seconds": elapsed}))?;
+        None
+    };
     if comm.is_root() {
         let out = plan.run_dir.join(MODEL_FILE);
         let mut meta = train::final_meta(&state, &s.model, end);
@@ -715,7 +723,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         let summary = json!({
             "method": u.method.as_str(), "from": from.display().to_string(),
             "split": split, "iterations": end, "seconds": elapsed, "ranks": comm.size(),
-            "forget_acc": f.accuracy(), "remain_acc": r.accuracy(), "test_acc": te.accuracy(),
+            "forget_acc": after.map(|a| a[0]), "remain_acc": after.map(|a| a[1]),
+            "test_acc": after.map(|a| a[2]),
             "before": state.before,
             // The distribution scheme's cost in this run (DESIGN §1.4): time in
             // the all-reduces and buffer broadcasts, and what one broadcast of
@@ -727,12 +736,11 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             &plan.run_dir.join("unlearn.json"),
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
+        let scores = after.map_or_else(String::new, |[f, r, te]| {
+            format!("forget acc {f:.2}%  remain acc {r:.2}%  test acc {te:.2}%  ")
+        });
         println!(
-            "{command}: forget acc {:.2}%  remain acc {:.2}%  test acc {:.2}%  in {elapsed:.1} s \
-             ({end} iterations, {} rank(s)) → {}",
-            f.accuracy(),
-            r.accuracy(),
-            te.accuracy(),
+            "{command}: {scores}in {elapsed:.1} s ({end} iterations, {} rank(s)) → {}",
             comm.size(),
             out.display()
         );
