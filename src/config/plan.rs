@@ -110,6 +110,14 @@ impl RunPlan {
         if raw.study.methods.is_empty() {
             return Err(config.key_error("study.methods", "name at least one method"));
         }
+        let mut named = std::collections::BTreeSet::new();
+        for m in &raw.study.methods {
+            if !named.insert(m.as_str()) {
+                return Err(
+                    config.key_error("study.methods", format!("{} is listed twice", m.as_str()))
+                );
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for seed in &raw.study.seeds {
             if !seen.insert(seed) {

@@ -367,3 +367,35 @@ fn every_shipped_preset_gives_a_valid_plan() {
     }
     assert!(seen >= 5, "only {seen} presets in configs/");
 }
+
+#[test]
+fn study_and_eval_keys_are_validated() {
+    let topo = Topology::single();
+    for (set, expect) in [
+        ("study.seeds=[]", "at least one seed"),
+        ("study.seeds=[1, 2, 1]", "seed 1 is listed twice"),
+        (
+            r#"study.methods=["sfron", "ga", "sfron"]"#,
+            "sfron is listed twice",
+        ),
+        ("study.methods=[]", "at least one method"),
+        ("study.scenario=half", "study.scenario"),
+        ("eval.batch=0", "eval.batch"),
+    ] {
+        let loaded = load(&Layers {
+            sets: sets(&[set]),
+            ..Layers::default()
+        })
+        .unwrap();
+        let msg = RunPlan::new(loaded, &topo, 2).unwrap_err().to_string();
+        assert!(msg.contains(expect), "{set}: {msg}");
+    }
+    let msg = error_of(&Layers {
+        sets: sets(&[r#"study.methods=["sfron", "dreaming"]"#]),
+        ..Layers::default()
+    });
+    assert!(
+        msg.contains("study.methods") && msg.contains("dreaming"),
+        "{msg}"
+    );
+}
