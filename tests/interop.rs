@@ -12,7 +12,7 @@ use sfron::model::{Arch, Model, weights};
 use tch::{Device, Kind, Tensor};
 
 mod support;
-use support::temp_dir;
+use support::{python, temp_dir};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/models.py");
 const ARCHS: [&str; 5] = [
@@ -22,13 +22,6 @@ const ARCHS: [&str; 5] = [
     "mnist_cnn",
     "mnist_cnn_bn",
 ];
-
-fn python() -> String {
-    std::env::var("SFRON_TORCH_PYTHON")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .expect("SFRON_TORCH_PYTHON is not set: run the tests through launch/test (it sources target/sfron-env.sh)")
-}
 
 fn run_script(mode: &str, dir: &Path) -> String {
     let out = Command::new(python())

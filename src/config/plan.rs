@@ -110,19 +110,11 @@ impl RunPlan {
         if raw.study.methods.is_empty() {
             return Err(config.key_error("study.methods", "name at least one method"));
         }
-        let mut named = std::collections::BTreeSet::new();
-        for m in &raw.study.methods {
-            if !named.insert(m.as_str()) {
-                return Err(
-                    config.key_error("study.methods", format!("{} is listed twice", m.as_str()))
-                );
-            }
+        if let Some(m) = repeated(raw.study.methods.iter().map(|m| m.as_str())) {
+            return Err(config.key_error("study.methods", format!("{m} is listed twice")));
         }
-        let mut seen = std::collections::BTreeSet::new();
-        for seed in &raw.study.seeds {
-            if !seen.insert(seed) {
-                return Err(config.key_error("study.seeds", format!("seed {seed} is listed twice")));
-            }
+        if let Some(seed) = repeated(raw.study.seeds.iter()) {
+            return Err(config.key_error("study.seeds", format!("seed {seed} is listed twice")));
         }
         if let Err(e) = crate::data::Scenario::parse(&raw.study.scenario, 0) {
             return Err(config.key_error("study.scenario", e.to_string()));
@@ -726,5 +718,18 @@ fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {
         split: (!d.split.trim().is_empty()).then(|| PathBuf::from(&d.split)),
         train_limit: (d.train_limit > 0).then_some(d.train_limit as usize),
         test_limit: (d.test_limit > 0).then_some(d.test_limit as usize),
+    })
+}
+
+/// The first item that appears a second time.
+fn repeated<T: Ord>(items: impl IntoIterator<Item = T>) -> Option<T> {
+    let mut seen = std::collections::BTreeSet::new();
+    items.into_iter().find_map(|item| {
+        if seen.contains(&item) {
+            Some(item)
+        } else {
+            seen.insert(item);
+            None
+        }
     })
 }

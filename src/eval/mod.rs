@@ -148,30 +148,29 @@ pub fn examine(
         .map(|(_, j)| j)
         .collect();
     let transform = &plan.data.test_transform;
-    let mut train_loader = Inputs::loader(plan, &inputs.train, transform);
-    let mut test_loader = Inputs::loader(plan, &inputs.test, transform);
-    let logits_too = plan.eval.logits;
+    // Forget and remain rows come from the training part, test rows from the test part.
+    let mut loaders = [
+        Inputs::loader(plan, &inputs.train, transform),
+        Inputs::loader(plan, &inputs.test, transform),
+    ];
+    let part = |subset: Subset| usize::from(subset == Subset::Test);
+    // Logit columns per row (0: none written).
+    let classes = if plan.eval.logits {
+        model.classes as usize
+    } else {
+        0
+    };
     let mut bytes: Vec<u8> = Vec::new();
     let ahead = 4;
     let mut submitted = 0;
     for k in 0..mine.len() {
         while submitted < mine.len() && submitted < k + ahead {
             let (subset, _, indices) = mine[submitted];
-            let loader = if *subset == Subset::Test {
-                &mut test_loader
-            } else {
-                &mut train_loader
-            };
-            loader.submit(0, indices.clone());
+            loaders[part(*subset)].submit(0, indices.clone());
             submitted += 1;
         }
         let (subset, start, indices) = mine[k];
-        let loader = if *subset == Subset::Test {
-            &mut test_loader
-        } else {
-            &mut train_loader
-        };
-        let b: Batch = loader.take()?;
+        let b: Batch = loaders[part(*subset)].take()?;
         if b.is_empty() {
             continue;
         }
@@ -211,7 +210,7 @@ pub fn examine(
                     .flatten(0, -1),
             )?;
             let width = columns.len();
-            let logits = if logits_too {
+            let logits = if classes > 0 {
                 Vec::<f32>::try_from(
                     logits
                         .to_kind(Kind::Float)
@@ -221,11 +220,6 @@ pub fn examine(
                 )?
             } else {
                 Vec::new()
-            };
-            let classes = if logits_too {
-                model.classes as usize
-            } else {
-                0
             };
             for (r, pos) in positions.iter().enumerate() {
                 bytes.extend_from_slice(&pos.to_le_bytes());
@@ -242,17 +236,7 @@ pub fn examine(
     let Some(parts) = comm.gather_bytes(&bytes, 0) else {
         return Ok(None);
     };
-    Ok(Some(assemble(
-        &parts,
-        &lists,
-        reference.is_some(),
-        if logits_too {
-            model.classes as usize
-        } else {
-            0
-        },
-        logits_too,
-    )))
+    Ok(Some(assemble(&parts, &lists, reference.is_some(), classes)))
 }
 
 /// Logits, log-probabilities (f64) and the per-row columns loss,
@@ -286,13 +270,12 @@ fn divergences(lp: &Tensor, lq: &Tensor) -> (Tensor, Tensor) {
     (kl(&p, &q), js)
 }
 
-/// Rank 0: the gathered rows in list order.
+/// Rank 0: the gathered rows in list order (`classes` logits per row, 0: none).
 fn assemble(
     parts: &[Vec<u8>],
     lists: &[Vec<usize>; 3],
     with_reference: bool,
     classes: usize,
-    logits_too: bool,
 ) -> Examples {
     // label, 4 columns, then kl and js.
     let width = if with_reference { 7 } else { 5 };
@@ -329,7 +312,7 @@ fn assemble(
             kl.push(f(5) as f32);
             js.push(f(6) as f32);
         }
-        if logits_too {
+        if classes > 0 {
             let l = &r[8 * width..];
             logits.extend(
                 l.chunks_exact(4)
@@ -341,7 +324,7 @@ fn assemble(
         model.kl = Some(kl);
         model.js = Some(js);
     }
-    if logits_too {
+    if classes > 0 {
         model.logits = Some(logits);
     }
     model
@@ -356,11 +339,10 @@ pub fn load_model(
     device: Device,
 ) -> Result<(Model, String)> {
     let bytes = weights::read(path)?;
-    let digest =
-        weights::content_digest(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let digest = weights::identify(&bytes, path)?;
     let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
     model.load_bytes(&bytes, path)?;
-    Ok((model, format!("sha256:{digest}")))
+    Ok((model, digest))
 }
 
 /// Wall time of the run that wrote the weights at `path`: `seconds` of the

@@ -174,6 +174,13 @@ pub fn content_digest(bytes: &[u8]) -> Result<String, String> {
     })))
 }
 
+/// `sha256:` and the [`content_digest`] of a weights file's bytes, errors naming `path`.
+pub fn identify(bytes: &[u8], path: &Path) -> Result<String, WeightsError> {
+    content_digest(bytes)
+        .map(|d| format!("sha256:{d}"))
+        .map_err(|e| file_err(path, e))
+}
+
 pub fn from_bytes(bytes: &[u8]) -> Result<Loaded, String> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| format!("not a complete safetensors file ({e})"))?;

@@ -83,6 +83,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
         given
     };
 
+    // What every unlearning stage's key starts from.
+    let original_id = weights::identify(&weights::read(&original)?, &original)?;
+
     let mut per_seed: Vec<(u64, Vec<Evaluated>)> = Vec::new();
     for &seed in &study.seeds {
         let seed_root = root.join(format!("seed-{seed}"));
@@ -119,7 +122,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
                 "unlearn.eval_after=false".into(),
             ]);
             let p = stage_plan(comm, layers, &seed_root, method.as_str(), &sets)?;
-            if unlearn_stage(comm, &p, device, &original)? == Status::Preempted {
+            if unlearn_stage(comm, &p, device, &original_id)? == Status::Preempted {
                 return Ok(Status::Preempted);
             }
             models.push((method.as_str().into(), p.run_dir.join(MODEL_FILE)));
@@ -244,15 +247,11 @@ fn train_stage(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
     Ok(status)
 }
 
-fn unlearn_stage(comm: &Comm, plan: &RunPlan, device: Device, from: &Path) -> Result<Status> {
+/// `from_id`: the [`weights::identify`] of the original (`unlearn.from`).
+fn unlearn_stage(comm: &Comm, plan: &RunPlan, device: Device, from_id: &str) -> Result<Status> {
     let inputs = Inputs::open(plan)?;
-    let from_hash = format!(
-        "sha256:{}",
-        weights::content_digest(&weights::read(from)?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", from.display()))?
-    );
     let command = format!("unlearn:{}", plan.unlearn.method.as_str());
-    let key = unlearn::recipe_hash(plan, &inputs, &command, &from_hash);
+    let key = unlearn::recipe_hash(plan, &inputs, &command, from_id);
     let outputs = [MODEL_FILE, "unlearn.json"];
     if begin(comm, &plan.run_dir, &key, &outputs)? {
         return Ok(Status::Done);
@@ -274,10 +273,7 @@ fn eval_stage(
     model: &Path,
     reference: Option<eval::Reference>,
 ) -> Result<Option<(Evaluation, Examples)>> {
-    let digest = |p: &Path| -> Result<String> {
-        weights::content_digest(&weights::read(p)?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
-    };
+    let digest = |p: &Path| weights::identify(&weights::read(p)?, p);
     let inputs = Inputs::open(plan)?;
     let key = format!(
         "eval:sha256:{}",

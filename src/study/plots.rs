@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::{Evaluated, display_name};
@@ -82,6 +83,20 @@ pub fn draw(root: &Path, per_seed: &[(u64, Vec<Evaluated>)]) -> Result<Vec<(Stri
     Ok(out)
 }
 
+/// Every chart here: f64 × f64 on an SVG.
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The series' legend, boxed, at `position`.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> Drawn {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 /// Histograms of log10(entropy) of the forget and test rows, one panel per model.
 fn entropy_histograms(path: &Path, models: &[&Evaluated]) -> Drawn {
     let area = SVGBackend::new(path, (360 * models.len().max(1) as u32, 320)).into_drawing_area();
@@ -140,11 +155,7 @@ fn entropy_histograms(path: &Path, models: &[&Evaluated]) -> Drawn {
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.mix(0.45).filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
     area.present()?;
     Ok(())
@@ -184,12 +195,7 @@ fn per_class(path: &Path, models: &[&Evaluated]) -> Drawn {
             .label(display_name(&e.name))
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     area.present()?;
     Ok(())
 }
@@ -258,11 +264,7 @@ fn curves(path: &Path, title: &str, metrics: &str) -> Drawn {
                     PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
     area.present()?;
     Ok(())
