@@ -12,6 +12,8 @@ use std::fs;
 use std::path::Path;
 
 fn main() {
+    #[cfg(feature = "mpi")]
+    build_in_place_shim();
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo:warning=torch-sys did not report its libtorch folder; no rpath set");
@@ -36,6 +38,22 @@ fn main() {
         libtorch_version(lib_dir)
     );
     println!("cargo:rustc-env=SFRON_LIBTORCH_CUDA={has_cuda}");
+}
+
+/// Compiles `src/comm/in_place.c` (MPI_IN_PLACE for the raw bindings)
+/// against the MPI headers that mpi-sys found.
+#[cfg(feature = "mpi")]
+fn build_in_place_shim() {
+    println!("cargo:rerun-if-changed=src/comm/in_place.c");
+    let mpi = build_probe_mpi::probe().unwrap_or_else(|errs| {
+        panic!("no MPI installation found for src/comm/in_place.c (run launch/setup): {errs:?}")
+    });
+    let mut build = cc::Build::new();
+    build.file("src/comm/in_place.c");
+    for dir in &mpi.include_paths {
+        build.include(dir);
+    }
+    build.compile("sfron_mpi_in_place");
 }
 
 /// The version string of the libtorch in `lib_dir`: `build-version` of a

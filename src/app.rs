@@ -45,6 +45,7 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
         .map(|n| n.get())
         .unwrap_or(1);
     let plan = RunPlan::new(loaded, comm.topology(), cores)?;
+    comm.set_segment_bytes(plan.comm.segment_kib as usize * 1024);
     if cli.global.dry_run {
         if comm.is_root() {
             print!("{}", plan.describe());
@@ -97,6 +98,48 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
                 }
             }
             comm.barrier();
+        }
+        Command::Bench(BenchCommand::Step(a)) => {
+            let options = bench::step::StepOptions {
+                batch: a.batch,
+                image: a.image,
+                channels: a.channels,
+                classes: a.classes,
+                iterations: a.iterations.max(1),
+                warmup: a.warmup,
+                bare: !a.no_bare,
+            };
+            let report = bench::step::run(comm, &plan, device, &options)?;
+            if comm.is_root() {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+        }
+        Command::Bench(BenchCommand::Reduce(a)) => {
+            let strategy = crate::comm::buckets::Strategy::from_mib(
+                plan.comm.first_bucket_mib,
+                plan.comm.bucket_mib,
+            );
+            let model = bench::reduce::ring_model(comm);
+            let print = |line: String| {
+                if comm.is_root() {
+                    println!("{line}");
+                }
+            };
+            print(serde_json::to_string(&model)?);
+            let sizes: Vec<usize> = a.kib.iter().map(|k| k * 1024).collect();
+            for row in bench::reduce::buffers(comm, &model, &sizes)? {
+                print(serde_json::to_string(&row)?);
+            }
+            if !a.no_models {
+                for (arch, classes) in [
+                    (crate::model::Arch::Resnet18, 10),
+                    (crate::model::Arch::Resnet50, 1000),
+                ] {
+                    for row in bench::reduce::gradients(comm, &model, arch, classes, strategy)? {
+                        print(serde_json::to_string(&row)?);
+                    }
+                }
+            }
         }
     }
     Ok(Status::Done)

@@ -80,6 +80,8 @@ impl Command {
                 sets
             }
             Command::Bench(BenchCommand::Data(a)) => a.more.sets.clone(),
+            Command::Bench(BenchCommand::Step(a)) => a.more.sets.clone(),
+            Command::Bench(BenchCommand::Reduce(a)) => a.more.sets.clone(),
             Command::Eval(a) => {
                 let mut sets = a.more.sets.clone();
                 if let Some(split) = &a.split {
@@ -148,6 +150,55 @@ pub enum BenchCommand {
     /// Images per second of the input pipeline on an ImageFolder, for the
     /// ImageNet train and eval transforms.
     Data(BenchDataArgs),
+    /// Milliseconds of an SFR-on iteration (forget + remain step) against
+    /// bare libtorch's forward+backward+SGD on the same batches; the
+    /// model is `model.arch`, the optimizer `unlearn.optimizer`, the step
+    /// constants those of `[sfron]`.
+    Step(BenchStepArgs),
+    /// All-reduce times against the ring model, 1 KiB to 128 MiB, and the
+    /// gradient buffers of ResNet-18 and ResNet-50 (run it under mpirun).
+    Reduce(BenchReduceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchStepArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// Images per rank in each of the forget and remain batches.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Image side in pixels (square).
+    #[arg(long, default_value_t = 32)]
+    pub image: i64,
+    #[arg(long, default_value_t = 3)]
+    pub channels: i64,
+    #[arg(long, default_value_t = 10)]
+    pub classes: i64,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 20)]
+    pub iterations: usize,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Time sfron alone (no bare libtorch loop).
+    #[arg(long)]
+    pub no_bare: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchReduceArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// Buffer sizes in KiB, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,4,16,64,256,1024,4096,16384,65536,131072"
+    )]
+    pub kib: Vec<usize>,
+    /// Skip the model gradient rows.
+    #[arg(long)]
+    pub no_models: bool,
 }
 
 #[derive(Debug, Args)]

@@ -60,6 +60,18 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &DoctorArgs) -> Re
         mpi.lines().next().unwrap_or("")
     ));
 
+    report.push_str(&format!(
+        "nccl        {}\n",
+        crate::comm::nccl::version().unwrap_or_else(|e| format!("not loaded ({e})"))
+    ));
+    report.push_str(&format!(
+        "bf16        {}\n",
+        match crate::model::layout::autocast_available() {
+            Ok(()) => "autocast switches bound".to_string(),
+            Err(e) => format!("unavailable ({e})"),
+        }
+    ));
+
     let checks: [(&str, Check); 5] = [
         ("sum", check_sum),
         ("mean", check_mean),
@@ -83,6 +95,22 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &DoctorArgs) -> Re
         if !everyone_ok {
             failed.push(name);
         }
+    }
+    // The gradient path: buckets on this rank's device, on the data plane
+    // `comm.gpu_plane` picks (NCCL, or pinned host buffers through MPI).
+    let buckets = check_buckets(comm, plan, device);
+    let everyone_ok = comm.all_agree(buckets.is_ok());
+    let line = match (&buckets, everyone_ok) {
+        (Ok(plane), true) => format!("ok ({plane})"),
+        (Err(why), _) => {
+            tracing::error!(check = "gradient buckets", "{why}");
+            "FAILED (see the failing ranks' logs)".into()
+        }
+        (Ok(_), false) => "FAILED (see the failing ranks' logs)".into(),
+    };
+    report.push_str(&format!("check       {:<17} {line}\n", "gradient buckets"));
+    if !everyone_ok {
+        failed.push("gradient buckets");
     }
     if !failed.is_empty() {
         if comm.is_root() {
@@ -189,6 +217,39 @@ fn check_agree(comm: &Comm, _device: Device) -> Result<(), String> {
         return Err("agree(false on the last rank) returned true".into());
     }
     Ok(())
+}
+
+/// Sums rank-dependent integers through the engine's reducer on `device`;
+/// returns the data plane's name.
+fn check_buckets(comm: &Comm, plan: &RunPlan, device: Device) -> Result<String, String> {
+    use crate::comm::buckets::{Reducer, Strategy};
+    let sizes = [1000usize, 300_000, 7, 70_000];
+    let strategy = Strategy::Buckets {
+        first: 4096,
+        cap: 512 << 10,
+    };
+    let mut reducer = Reducer::new(comm, &sizes, 4, strategy, device, plan.comm.gpu_plane)
+        .map_err(|e| e.to_string())?;
+    let total: usize = sizes.iter().sum::<usize>() + 4;
+    let flat = tch::Tensor::zeros([total as i64], (tch::Kind::Float, device));
+    let pattern = tch::Tensor::arange(total as i64, (tch::Kind::Int64, device))
+        .remainder(97)
+        .to_kind(tch::Kind::Float);
+    let r = comm.rank() as f64 + 1.0;
+    reducer
+        .sum(comm, &flat, |b| {
+            let (at, len) = (b.range.start as i64, b.range.len() as i64);
+            flat.narrow(0, at, len)
+                .copy_(&(pattern.narrow(0, at, len) * r));
+        })
+        .map_err(|e| e.to_string())?;
+    let s = comm.size() as f64;
+    let want = pattern * (s * (s + 1.0) / 2.0);
+    let diff = (flat - want).abs().max().double_value(&[]);
+    if diff != 0.0 {
+        return Err(format!("bucketed sum off by {diff}"));
+    }
+    Ok(reducer.plane().to_string())
 }
 
 fn yes_no(b: bool) -> &'static str {

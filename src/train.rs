@@ -95,12 +95,13 @@ impl Faults {
     }
 
     /// Before the reduction of `step`: a NaN gradient or a SIGTERM on the faulty rank.
-    pub fn before_reduce(&self, rank: usize, step: u64, params: &[Tensor]) {
+    pub fn before_reduce(&self, rank: usize, step: u64, engine: &Engine) {
         if rank != self.rank {
             return;
         }
-        if self.nan_at == Some(step) {
-            let g = params[0].grad();
+        if self.nan_at == Some(step)
+            && let Some(g) = engine.local_grad(0)
+        {
             let _ = g.view([-1]).narrow(0, 0, 1).fill_(f64::NAN);
         }
         if self.signal_at == Some(step) {
@@ -143,7 +144,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
             .and_then(|b| weights::content_digest(&b).ok())
             .unwrap_or_default()
     });
-    let recipe = json!({
+    let mut recipe = json!({
         "command": command,
         "seed": plan.seed,
         "model": { "arch": plan.model.arch.name(), "init": init },
@@ -151,6 +152,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
         "data": inputs.identity(plan),
         "split": inputs.split_hash(),
     });
+    crate::model::layout::add_precision(&mut recipe, plan.precision);
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
 }
 
@@ -307,11 +309,14 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     if let Some(init) = &plan.model.init {
         model.load(init)?;
     }
+    model
+        .set_compute(plan.compute())
+        .map_err(|e| anyhow::anyhow!("device.precision: {e}"))?;
     let recipe = recipe_hash(plan, &inputs, command);
     let split = inputs.split_hash();
     let optimizer = Optimizer::new(t.optimizer.clone(), model.parameters().len());
     let stop = StopFlag::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
-    let mut engine = Engine::new(comm, &model, optimizer, t.max_skips, stop);
+    let mut engine = Engine::new(comm, &model, optimizer, t.max_skips, stop, &plan.comm)?;
 
     let mut state = RunState {
         command: command.into(),
@@ -397,8 +402,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         let t0 = Instant::now();
         let batch = stream.next_batch()?;
         engine.zero_grad();
-        let local = backward_ce_sum(&model, &batch, device, true);
-        faults.before_reduce(comm.rank(), step, &engine.params);
+        let local = backward_ce_sum(&mut engine, &model, &batch, device, true);
+        faults.before_reduce(comm.rank(), step, &engine);
         let lr = schedule::rate(&t.schedule, t.lr, step, total, t.warmup_steps, per_epoch);
         let mut out = engine.reduce(local, Scale::MeanOverCount)?;
         let what = format!("step {step}");

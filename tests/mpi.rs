@@ -63,6 +63,7 @@ fn worker() -> i32 {
         "sum i64 n=9M (72 MB)".into(),
         int_reductions(&comm, 9_000_000),
     );
+    check("bucketed reductions".into(), bucketed(&comm));
     check("tensors".into(), tensors(&comm));
     check("broadcast bytes".into(), broadcast_bytes(&comm));
     check("all-gather bytes".into(), gather_bytes(&comm));
@@ -97,6 +98,57 @@ fn sum_f32(comm: &Comm, n: usize) -> Result<(), String> {
     comm.sum(&mut buf);
     let tri = s * (s + 1.0) / 2.0;
     expect_all(&buf, |i| (i % 4093) as f32 * tri)
+}
+
+/// The gradient reducer on a flat tensor of "parameters": single call, one
+/// blocking call per tensor, and overlapped buckets (small first bucket, a
+/// parameter larger than the cap) give the exact sum; `fill` sees every
+/// bucket once, last parameters first.
+fn bucketed(comm: &Comm) -> Result<(), String> {
+    use sfron::comm::buckets::{GpuPlane, Reducer, Strategy};
+    use tch::{Device, Kind, Tensor};
+    let sizes = [1000usize, 50_000, 7, 3_000_000, 300_000, 13];
+    let tail = 4;
+    let total: usize = sizes.iter().sum::<usize>() + tail;
+    let r = comm.rank() as f32 + 1.0;
+    let tri = (comm.size() * (comm.size() + 1) / 2) as f32;
+    for strategy in [
+        Strategy::Single,
+        Strategy::PerTensor,
+        Strategy::Buckets {
+            first: 4096,
+            cap: 1 << 20,
+        },
+    ] {
+        let mut reducer = Reducer::new(comm, &sizes, tail, strategy, Device::Cpu, GpuPlane::Auto)
+            .map_err(|e| e.to_string())?;
+        let flat = Tensor::zeros([total as i64], (Kind::Float, Device::Cpu));
+        let mut seen = vec![0usize; total];
+        reducer
+            .sum(comm, &flat, |b| {
+                for i in b.range.clone() {
+                    seen[i] += 1;
+                }
+                let values: Vec<f32> = b.range.clone().map(|i| (i % 4093) as f32 * r).collect();
+                flat.narrow(0, b.range.start as i64, b.range.len() as i64)
+                    .copy_(&Tensor::from_slice(&values));
+            })
+            .map_err(|e| e.to_string())?;
+        if seen.iter().any(|&k| k != 1) {
+            return Err(format!(
+                "{strategy:?}: buckets do not cover each element once"
+            ));
+        }
+        let got = Vec::<f32>::try_from(&flat).map_err(|e| e.to_string())?;
+        expect_all(&got, |i| (i % 4093) as f32 * tri).map_err(|e| format!("{strategy:?}: {e}"))?;
+        let first = &reducer.buckets()[0];
+        if !first.tail || first.members[0] != sizes.len() - 1 {
+            return Err(format!(
+                "{strategy:?}: the first bucket is not the last parameter's"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn mean_f32(comm: &Comm, n: usize) -> Result<(), String> {

@@ -402,3 +402,52 @@ fn retrain_on_the_remain_set_never_reads_a_forgotten_sample_and_records_the_spli
     assert_eq!(meta["sfron.command"], "retrain");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// bf16 autocast and the channels-last layout train on the CPU. The layout
+/// only reorders float sums (weights close to fp32's, the same recipe:
+/// a run may resume in either layout); bf16 changes the numbers (within a
+/// few percent after 10 steps) and is part of the recipe.
+#[test]
+fn bf16_and_channels_last_train_on_the_cpu_and_bf16_is_part_of_the_recipe() {
+    let root = temp_dir("train-compute");
+    let run = |name: &str, steps: u64, extra: &[&str]| {
+        let mut s = sets(&root, name, steps);
+        s.push("model.arch=\"mnist_cnn_bn\"".into());
+        s.extend(extra.iter().map(|e| e.to_string()));
+        train(&s, &[])
+    };
+    for (name, extra) in [
+        ("fp32", &[][..]),
+        ("nhwc", &["device.channels_last=true"][..]),
+        (
+            "bf16",
+            &["device.precision=\"bf16\"", "device.channels_last=true"][..],
+        ),
+    ] {
+        let o = run(name, 10, extra);
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", text(&o));
+    }
+    let (fp32, nhwc, bf16) = (
+        model(&root, "fp32"),
+        model(&root, "nhwc"),
+        model(&root, "bf16"),
+    );
+    let layout = support::relative_l2_difference(&nhwc, &fp32, "");
+    let mixed = support::relative_l2_difference(&bf16, &fp32, "");
+    println!("relative L2 difference to fp32: channels-last {layout:.2e}, bf16 {mixed:.2e}");
+    // One step differs by about 2e-6 (float sums reassociated; conv biases
+    // before BatchNorm only get noise); ten steps of SGD amplify that to
+    // about 2e-3. A layout bug (weights read transposed) is of order 1.
+    assert!(layout < 2e-2, "channels-last moved the weights by {layout}");
+    assert!(
+        mixed > 1e-6 && mixed < 0.2,
+        "bf16 vs fp32 relative L2 {mixed}: bf16 should change the numbers a little"
+    );
+    // Extending the fp32 run in bf16 is another recipe; in channels-last it resumes.
+    let o = run("fp32", 12, &["device.precision=\"bf16\""]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("another configuration"), "{}", text(&o));
+    let o = run("fp32", 12, &["device.channels_last=true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::remove_dir_all(&root).unwrap();
+}

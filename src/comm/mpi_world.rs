@@ -1,18 +1,94 @@
 //! The MPI backend of [`super::Comm`]; compiled with the `mpi` feature.
 //!
 //! Every collective here runs on the main thread (MPI_THREAD_FUNNELED).
-//! Reductions are in place from the caller's point of view: rsmpi has no
-//! `MPI_IN_PLACE`, so each chunk of at most [`super::REDUCE_CHUNK`] elements is
-//! copied to a scratch buffer and reduced back into the caller's slice.
+//! Reductions are truly in place (`MPI_IN_PLACE`, no scratch copy), blocking
+//! or non-blocking. rsmpi's safe API has no `MPI_IN_PLACE`, so both go
+//! through [`all_reduce_in_place`], the one function here that calls the raw
+//! bindings; the constant itself comes from the real `<mpi.h>`
+//! (`src/comm/in_place.c`, compiled by `build.rs`).
+
+use std::os::raw::{c_int, c_void};
 
 use mpi::Threading;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
+use mpi::ffi;
+use mpi::raw::AsRaw;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
 use super::{CommError, REDUCE_CHUNK, ReduceOp, Scalar, Topology};
+
+unsafe extern "C" {
+    /// `MPI_IN_PLACE` of the MPI library this binary links (in_place.c).
+    fn sfron_mpi_in_place() -> *mut c_void;
+}
+
+/// Largest element count of one in-place reduction call (MPI counts are
+/// 32-bit signed).
+const MAX_COUNT: usize = 1 << 30;
+
+/// An in-flight non-blocking reduction (`MPI_Request`).
+pub(super) struct Request(ffi::MPI_Request);
+
+impl Request {
+    /// True once the reduction has completed (drives MPI's progress).
+    pub(super) fn test(&mut self) -> bool {
+        let mut flag: c_int = 0;
+        // SAFETY: a request made by MPI_Iallreduce and not yet completed (a
+        // completed one is MPI_REQUEST_NULL, which MPI_Test accepts).
+        unsafe { ffi::MPI_Test(&mut self.0, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+        flag != 0
+    }
+
+    /// Blocks until the reduction has completed.
+    pub(super) fn wait(&mut self) {
+        // SAFETY: as in `test`.
+        unsafe { ffi::MPI_Wait(&mut self.0, ffi::RSMPI_STATUS_IGNORE) };
+    }
+}
+
+/// `MPI_Allreduce(MPI_IN_PLACE, buf, …)`, or `MPI_Iallreduce` when `request`
+/// is given: the one call of the raw bindings for reductions (audited).
+///
+/// Errors need no return code: the communicator keeps MPI's default handler,
+/// MPI_ERRORS_ARE_FATAL, which aborts the job.
+///
+/// # Safety
+/// With `request`, MPI keeps writing into `buf` after the call returns: the
+/// caller must keep `buf` borrowed, unread and unwritten until the request
+/// completes (the borrow in [`super::PendingSum`] enforces this).
+unsafe fn all_reduce_in_place<T: Scalar>(
+    world: &SimpleCommunicator,
+    buf: &mut [T],
+    op: ReduceOp,
+    request: Option<&mut ffi::MPI_Request>,
+) {
+    assert!(
+        buf.len() <= MAX_COUNT,
+        "one reduction call of {} elements",
+        buf.len()
+    );
+    let count = buf.len() as c_int;
+    let datatype = T::equivalent_datatype().as_raw();
+    let op = match op {
+        ReduceOp::Sum => SystemOperation::sum(),
+        ReduceOp::Max => SystemOperation::max(),
+        ReduceOp::Min => SystemOperation::min(),
+    }
+    .as_raw();
+    let recv = buf.as_mut_ptr().cast::<c_void>();
+    // SAFETY: `recv` points to `count` initialised elements of `datatype`;
+    // MPI_IN_PLACE makes it the send buffer too; the communicator is alive.
+    unsafe {
+        let send = sfron_mpi_in_place().cast_const();
+        match request {
+            None => ffi::MPI_Allreduce(send, recv, count, datatype, op, world.as_raw()),
+            Some(r) => ffi::MPI_Iallreduce(send, recv, count, datatype, op, world.as_raw(), r),
+        };
+    }
+}
 
 pub(super) struct MpiWorld {
     // Dropping the universe finalises MPI; keep it last to drop after `world`.
@@ -70,17 +146,36 @@ impl MpiWorld {
         self.world.barrier();
     }
 
+    /// A blocking reduction in place, in one call per 2^30 elements.
     pub(super) fn all_reduce<T: Scalar>(&self, buf: &mut [T], op: ReduceOp) {
-        let op = match op {
-            ReduceOp::Sum => SystemOperation::sum(),
-            ReduceOp::Max => SystemOperation::max(),
-            ReduceOp::Min => SystemOperation::min(),
-        };
+        for chunk in buf.chunks_mut(MAX_COUNT) {
+            // SAFETY: blocking: MPI is done with `chunk` when this returns.
+            unsafe { all_reduce_in_place(&self.world, chunk, op, None) };
+        }
+    }
+
+    /// Starts a reduction of `buf` in place.
+    ///
+    /// # Safety
+    /// As [`all_reduce_in_place`] with a request: `buf` stays untouched
+    /// until the returned request completes.
+    pub(super) unsafe fn start<T: Scalar>(&self, buf: &mut [T], op: ReduceOp) -> Request {
+        // SAFETY: RSMPI_REQUEST_NULL is an initialised constant.
+        let mut request = Request(unsafe { ffi::RSMPI_REQUEST_NULL });
+        // SAFETY: the caller's contract.
+        unsafe { all_reduce_in_place(&self.world, buf, op, Some(&mut request.0)) };
+        request
+    }
+
+    /// The old reduction: chunks copied to a scratch buffer and reduced back
+    /// (what rsmpi's safe API allows), kept to measure against.
+    pub(super) fn all_reduce_via_scratch<T: Scalar>(&self, buf: &mut [T]) {
         let mut scratch: Vec<T> = Vec::with_capacity(buf.len().min(REDUCE_CHUNK));
         for chunk in buf.chunks_mut(REDUCE_CHUNK) {
             scratch.clear();
             scratch.extend_from_slice(chunk);
-            self.world.all_reduce_into(&scratch[..], chunk, op);
+            self.world
+                .all_reduce_into(&scratch[..], chunk, SystemOperation::sum());
         }
     }
 

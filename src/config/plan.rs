@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use super::raw::{
-    CheckpointSection, DataFormat, DeviceKind, EpochSchedule, EvalSection, LogSection, NonFinite,
-    OnCorrupt, OptimizerName, SaliencyName, ScheduleName, StudySection, TrainOn, TransformName,
-    UnlearnMethod,
+    CheckpointSection, CommSection, DataFormat, DeviceKind, EpochSchedule, EvalSection, LogSection,
+    NonFinite, OnCorrupt, OptimizerName, Precision, SaliencyName, ScheduleName, StudySection,
+    TrainOn, TransformName, UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -41,6 +41,9 @@ pub struct RunPlan {
     pub run_dir: PathBuf,
     pub seed: u64,
     pub device: DeviceKind,
+    pub precision: Precision,
+    pub channels_last: bool,
+    pub comm: CommSection,
     /// Libtorch CPU threads for this rank (derived when `device.threads = 0`).
     pub threads: usize,
     pub log: LogSection,
@@ -59,6 +62,14 @@ pub struct RunPlan {
 }
 
 impl RunPlan {
+    /// How models compute (`device.precision`, `device.channels_last`).
+    pub fn compute(&self) -> crate::model::Compute {
+        crate::model::Compute {
+            precision: self.precision,
+            channels_last: self.channels_last,
+        }
+    }
+
     /// Validates `config` for a job of shape `topology`; `cores` is the number
     /// of CPUs this host offers.
     pub fn new(
@@ -81,6 +92,29 @@ impl RunPlan {
             return Err(
                 config.key_error("run.root", "must name a folder (the default is \"runs\")")
             );
+        }
+        for (key, mib) in [
+            ("comm.bucket_mib", raw.comm.bucket_mib),
+            ("comm.first_bucket_mib", raw.comm.first_bucket_mib),
+        ] {
+            if !(0.0..=4096.0).contains(&mib) {
+                return Err(config.key_error(key, format!("{mib} MiB: allowed 0 to 4096")));
+            }
+        }
+        if raw.comm.segment_kib > 1 << 20 {
+            return Err(config.key_error(
+                "comm.segment_kib",
+                format!(
+                    "{} KiB: allowed 0 (one call) to 1048576",
+                    raw.comm.segment_kib
+                ),
+            ));
+        }
+        if raw.comm.bucket_mib > 0.0 && raw.comm.first_bucket_mib == 0.0 {
+            return Err(config.key_error(
+                "comm.first_bucket_mib",
+                "must be above 0 when comm.bucket_mib is (0 is only meaningful for bucket_mib: one call)",
+            ));
         }
         if raw.device.threads > MAX_THREADS {
             return Err(config.key_error(
@@ -138,6 +172,9 @@ impl RunPlan {
             run_dir: PathBuf::from(&raw.run.root).join(name),
             seed: raw.run.seed,
             device: raw.device.kind,
+            precision: raw.device.precision,
+            channels_last: raw.device.channels_last,
+            comm: raw.comm.clone(),
             threads,
             log: raw.log.clone(),
             topology: topology.clone(),

@@ -45,6 +45,7 @@ macro_rules! string_enum {
 pub struct RawConfig {
     pub run: RunSection,
     pub device: DeviceSection,
+    pub comm: CommSection,
     pub log: LogSection,
     pub data: DataSection,
     pub model: ModelSection,
@@ -94,12 +95,27 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// The arithmetic of forward passes.
+    Precision {
+        Fp32 => "fp32",
+        /// Autocast to bfloat16 (matrix products and convolutions in bf16,
+        /// reductions and losses in fp32; weights, gradients and the
+        /// optimizer stay fp32), as `torch.autocast(dtype=torch.bfloat16)`.
+        Bf16 => "bf16",
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceSection {
     pub kind: DeviceKind,
     /// CPU threads per rank for libtorch; 0 means cores / ranks on this host.
     pub threads: u32,
+    pub precision: Precision,
+    /// Images and convolution weights in channels-last (NHWC) memory
+    /// layout, which tensor cores and oneDNN prefer.
+    pub channels_last: bool,
 }
 
 impl Default for DeviceSection {
@@ -107,6 +123,45 @@ impl Default for DeviceSection {
         DeviceSection {
             kind: DeviceKind::Auto,
             threads: 0,
+            precision: Precision::Fp32,
+            channels_last: false,
+        }
+    }
+}
+
+string_enum! {
+    /// Which data plane sums gradients held on GPUs.
+    GpuPlane {
+        /// NCCL when it loads and initialises on every rank, else pinned
+        /// host buffers through MPI.
+        Auto => "auto",
+        Nccl => "nccl",
+        Mpi => "mpi",
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommSection {
+    /// Gradient buckets of at most this many MiB; 0 sums everything in one call.
+    pub bucket_mib: f64,
+    /// The first bucket (the last layers' gradients), smaller so the
+    /// reductions start early.
+    pub first_bucket_mib: f64,
+    /// MPI reductions above two segments go in pieces of this many KiB, all
+    /// in flight at once (pipelined, each piece summed while in cache); 0:
+    /// one call per bucket.
+    pub segment_kib: u32,
+    pub gpu_plane: GpuPlane,
+}
+
+impl Default for CommSection {
+    fn default() -> Self {
+        CommSection {
+            bucket_mib: 25.0,
+            first_bucket_mib: 1.0,
+            segment_kib: 1024,
+            gpu_plane: GpuPlane::Auto,
         }
     }
 }

@@ -31,6 +31,18 @@ fn error_of(layers: &Layers) -> String {
         .to_string()
 }
 
+/// The message of a configuration that loads but makes no valid plan.
+fn plan_error_of(set: &str) -> String {
+    let loaded = load(&Layers {
+        sets: sets(&[set]),
+        ..Layers::default()
+    })
+    .unwrap();
+    RunPlan::new(loaded, &Topology::single(), 2)
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn no_layers_gives_the_defaults() {
     let loaded = load(&Layers::default()).unwrap();
@@ -125,7 +137,7 @@ fn unknown_section_names_the_file_it_came_from() {
         msg.contains("`modle`") && msg.contains(&file.display().to_string()),
         "{msg}"
     );
-    assert!(msg.contains("`run`, `device`, `log`"), "{msg}");
+    assert!(msg.contains("`run`, `device`, `comm`, `log`"), "{msg}");
 }
 
 #[test]
@@ -370,7 +382,6 @@ fn every_shipped_preset_gives_a_valid_plan() {
 
 #[test]
 fn study_and_eval_keys_are_validated() {
-    let topo = Topology::single();
     for (set, expect) in [
         ("study.seeds=[]", "at least one seed"),
         ("study.seeds=[1, 2, 1]", "seed 1 is listed twice"),
@@ -382,12 +393,7 @@ fn study_and_eval_keys_are_validated() {
         ("study.scenario=half", "study.scenario"),
         ("eval.batch=0", "eval.batch"),
     ] {
-        let loaded = load(&Layers {
-            sets: sets(&[set]),
-            ..Layers::default()
-        })
-        .unwrap();
-        let msg = RunPlan::new(loaded, &topo, 2).unwrap_err().to_string();
+        let msg = plan_error_of(set);
         assert!(msg.contains(expect), "{set}: {msg}");
     }
     let msg = error_of(&Layers {
@@ -398,4 +404,42 @@ fn study_and_eval_keys_are_validated() {
         msg.contains("study.methods") && msg.contains("dreaming"),
         "{msg}"
     );
+}
+
+#[test]
+fn device_and_comm_keys_are_validated() {
+    for (set, expect) in [
+        ("comm.bucket_mib=-1", "comm.bucket_mib"),
+        ("comm.first_bucket_mib=5000", "comm.first_bucket_mib"),
+        ("comm.first_bucket_mib=0", "comm.first_bucket_mib"),
+        ("comm.segment_kib=2000000", "comm.segment_kib"),
+    ] {
+        let msg = plan_error_of(set);
+        assert!(msg.contains(expect), "{set}: {msg}");
+    }
+    for (set, key) in [
+        ("device.precision=fp16", "device.precision"),
+        ("comm.gpu_plane=gloo", "comm.gpu_plane"),
+    ] {
+        let msg = error_of(&Layers {
+            sets: sets(&[set]),
+            ..Layers::default()
+        });
+        assert!(msg.contains(key), "{set}: {msg}");
+    }
+    // One call for everything is allowed, and bf16 with channels-last reads back.
+    let loaded = load(&Layers {
+        sets: sets(&[
+            "comm.bucket_mib=0",
+            "comm.first_bucket_mib=0",
+            "device.precision=bf16",
+            "device.channels_last=true",
+        ]),
+        ..Layers::default()
+    })
+    .unwrap();
+    let plan = RunPlan::new(loaded, &Topology::single(), 2).unwrap();
+    assert_eq!(plan.comm.bucket_mib, 0.0);
+    assert_eq!(plan.precision, crate::config::raw::Precision::Bf16);
+    assert!(plan.channels_last);
 }

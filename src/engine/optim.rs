@@ -49,9 +49,14 @@ impl Optimizer {
                 nesterov,
                 weight_decay,
             } => {
+                // One fused kernel per update, as PyTorch's `add(…, alpha=)`:
+                // `x.addcmul(y, s)` is x + y·s with s a 0-dim tensor.
+                let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+                let scalar = |v: f64| Tensor::from(v as f32).to_device(device);
+                let (wd, neg_lr, mom) = (scalar(weight_decay), scalar(-lr), scalar(momentum));
                 for ((p, g), slot) in params.iter().zip(grads).zip(&mut self.slots) {
                     let mut d = if weight_decay != 0.0 {
-                        g + p * weight_decay
+                        g.addcmul(p, &wd)
                     } else {
                         g.shallow_clone()
                     };
@@ -67,10 +72,9 @@ impl Optimizer {
                                 buf
                             }
                         };
-                        d = if nesterov { d + &buf * momentum } else { buf };
+                        d = if nesterov { d.addcmul(&buf, &mom) } else { buf };
                     }
-                    let mut p = p.shallow_clone();
-                    let _ = p.g_sub_(&(d * lr));
+                    let _ = p.shallow_clone().addcmul_(&d, &neg_lr);
                 }
             }
             OptimizerPlan::AdamW {

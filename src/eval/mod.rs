@@ -342,6 +342,9 @@ pub fn load_model(
     let digest = weights::identify(&bytes, path)?;
     let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
     model.load_bytes(&bytes, path)?;
+    model
+        .set_compute(plan.compute())
+        .map_err(|e| anyhow::anyhow!("device.precision: {e}"))?;
     Ok((model, digest))
 }
 

@@ -5,6 +5,7 @@
 //! state is exactly what `torch.save(model.state_dict())` would hold, minus
 //! `num_batches_tracked`. Single-process code: reductions happen elsewhere.
 
+pub mod layout;
 pub mod weights;
 pub mod zoo;
 
@@ -12,8 +13,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::nn::{self, ModuleT};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use crate::config::raw::Precision;
+pub use layout::Compute;
 pub use weights::WeightsError;
 pub use zoo::Arch;
 
@@ -23,6 +26,7 @@ pub struct Model {
     net: Box<dyn ModuleT>,
     pub in_channels: i64,
     pub classes: i64,
+    compute: Compute,
 }
 
 impl std::fmt::Debug for Model {
@@ -43,12 +47,49 @@ impl Model {
             net,
             in_channels,
             classes,
+            compute: Compute::default(),
         }
     }
 
-    /// Logits `[N, classes]` of `xs` `[N, C, H, W]`; `train` selects BatchNorm's mode.
+    /// Sets how the forward pass computes; with channels-last, the
+    /// convolution weights take that layout now (their values unchanged).
+    pub fn set_compute(&mut self, compute: Compute) -> Result<(), String> {
+        if compute.precision == Precision::Bf16 {
+            layout::autocast_available()?;
+        }
+        if compute.channels_last {
+            tch::no_grad(|| {
+                for (_, mut t) in self.vs.variables() {
+                    if t.dim() == 4 && !layout::is_channels_last(&t) {
+                        t.set_data(&layout::to_channels_last(&t));
+                    }
+                }
+            });
+        }
+        self.compute = compute;
+        Ok(())
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+
+    /// Logits `[N, classes]` of `xs` `[N, C, H, W]`, in fp32 whatever the
+    /// precision; `train` selects BatchNorm's mode.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.net.forward_t(xs, train)
+        let xs = if self.compute.channels_last {
+            layout::to_channels_last(xs)
+        } else {
+            xs.shallow_clone()
+        };
+        match self.compute.precision {
+            Precision::Fp32 => self.net.forward_t(&xs, train),
+            Precision::Bf16 => {
+                let _bf16 =
+                    layout::Autocast::bf16(xs.device()).expect("checked by Model::set_compute");
+                self.net.forward_t(&xs, train).to_kind(Kind::Float)
+            }
+        }
     }
 
     /// The model's state as `(name, tensor)`, sorted by name (shallow: the

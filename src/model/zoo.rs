@@ -229,14 +229,18 @@ impl Residual {
         for (i, (c, b)) in self.convs.iter().enumerate() {
             x = x.apply(c).apply_t(b, train);
             if i < last {
-                x = x.relu();
+                // In place, as torchvision's ReLU(inplace=True): BatchNorm's
+                // backward needs its input, not its output.
+                let _ = x.relu_();
             }
         }
         let shortcut = match &self.downsample {
             Some((c, b)) => xs.apply(c).apply_t(b, train),
             None => xs.shallow_clone(),
         };
-        (x + shortcut).relu()
+        let mut out = x + shortcut;
+        let _ = out.relu_();
+        out
     }
 }
 
@@ -287,7 +291,8 @@ impl ResNet {
 impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         // xs: [N, C, H, W] → stem: [N, base, H, W] (cifar) or [N, base, H/4, W/4] (imagenet)
-        let mut x = xs.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let mut x = xs.apply(&self.conv1).apply_t(&self.bn1, train);
+        let _ = x.relu_();
         if self.stem == Stem::ImageNet {
             x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         }

@@ -49,6 +49,9 @@ fn incompetent(s: &Session) -> Result<Model> {
     let seed = Rng::keyed(&[s.plan.seed, tag::TEACHER]).next_u64() >> 1;
     tch::manual_seed(seed as i64);
     let mut model = Model::new(s.model.arch, s.model.in_channels, s.model.classes, s.device);
+    model
+        .set_compute(s.model.compute())
+        .map_err(anyhow::Error::msg)?;
     let state: Vec<Tensor> = model.state().into_iter().map(|(_, t)| t).collect();
     broadcast_all(s.comm, &state)?;
     model.vs.freeze();

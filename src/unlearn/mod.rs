@@ -34,6 +34,7 @@ use crate::comm::Comm;
 use crate::config::RunPlan;
 use crate::config::raw::UnlearnMethod;
 use crate::data::{Batch, BatchStream, Cursor, Sampler, Stream};
+pub use crate::engine::Edit;
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
 use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, correct};
@@ -103,21 +104,6 @@ pub trait Method {
     /// Iteration `t` of `s.iterations()`.
     fn iteration(&mut self, s: &mut Session, t: u64) -> Result<Iteration>;
 }
-
-/// What is done to the reduced gradient before the optimizer step.
-#[derive(Default)]
-pub struct Edit<'a> {
-    /// Multiply by this flat mask (or soft weights).
-    pub mask: Option<&'a Tensor>,
-    /// Then clip the global L2 norm to this, as `clip_grad_norm_` does.
-    pub clip: Option<f64>,
-    /// With `mask`: parameters the mask zeroes stay exactly where they are
-    /// (weight decay and momentum do not move them either).
-    pub freeze_masked: bool,
-}
-
-/// PyTorch's `clip_grad_norm_` divides by `norm + 1e-6`.
-const CLIP_EPS: f64 = 1e-6;
 
 /// Rank 0's record of every global batch, for reference implementations.
 struct Trace(BufWriter<File>);
@@ -192,8 +178,7 @@ impl Session<'_> {
 
     /// The engine's reduction, with the test-only faults of step `t` first.
     pub fn reduce(&mut self, local: Local, scale: Scale, t: u64) -> Result<Outcome> {
-        self.faults
-            .before_reduce(self.comm.rank(), t, &self.engine.params);
+        self.faults.before_reduce(self.comm.rank(), t, &self.engine);
         self.engine.reduce(local, scale)
     }
 
@@ -242,7 +227,7 @@ impl Session<'_> {
             let logits = self.model.forward_t(&rows.x, train);
             let (losses, targets) = loss(&logits, &rows);
             let sum = losses.sum(Kind::Float);
-            sum.backward();
+            self.engine.backward(&sum);
             local = Local {
                 loss_sum: sum.double_value(&[]),
                 correct: correct(&logits, &targets),
@@ -252,44 +237,9 @@ impl Session<'_> {
         self.reduce(local, Scale::MeanOverCount, t)
     }
 
-    /// The second half of a step: the reduced gradient is masked, then
-    /// clipped to a global L2 norm, then the optimizer steps at `lr` (or the
-    /// step is skipped under the non-finite policy). `what` names the step.
+    /// The second half of a step: [`Engine::finish`].
     pub fn finish(&mut self, out: &mut Outcome, edit: &Edit, lr: f64, what: &str) -> Result<()> {
-        if out.applied {
-            let g = self.engine.flat_grad();
-            if let Some(mask) = edit.mask {
-                let _ = g.shallow_clone().g_mul_(mask);
-            }
-            if let Some(max_norm) = edit.clip {
-                let norm = g.norm().double_value(&[]);
-                let coef = max_norm / (norm + CLIP_EPS);
-                if coef < 1.0 {
-                    let _ = g.shallow_clone().g_mul_scalar_(coef);
-                }
-            }
-        }
-        let frozen = match edit.mask {
-            Some(mask) if edit.freeze_masked && out.applied => {
-                Some((mask, self.engine.param_copies()))
-            }
-            _ => None,
-        };
-        self.engine.step(out, lr, what)?;
-        if let Some((mask, before)) = frozen {
-            // θ ← θ_before + M ⊙ (θ − θ_before): masked entries stay put.
-            tch::no_grad(|| {
-                let mut offset = 0;
-                for (p, q) in self.engine.params.iter().zip(&before) {
-                    let n = p.numel() as i64;
-                    let m = mask.narrow(0, offset, n).view(p.size().as_slice());
-                    offset += n;
-                    let kept = q + (p - q) * m;
-                    p.shallow_clone().copy_(&kept);
-                }
-            });
-        }
-        Ok(())
+        self.engine.finish(out, edit, lr, what)
     }
 
     /// A plain cross-entropy step on `which` in train mode (FT's step, and
@@ -327,6 +277,8 @@ pub fn kl_rows(student: &Tensor, teacher_probs: &Tensor, temperature: f64) -> Te
 /// A frozen copy of the model's current weights (a teacher), in eval use only.
 pub fn frozen_copy(s: &Session) -> Result<Model> {
     let mut copy = Model::new(s.model.arch, s.model.in_channels, s.model.classes, s.device);
+    copy.set_compute(s.model.compute())
+        .map_err(anyhow::Error::msg)?;
     tch::no_grad(|| {
         for ((_, dst), (_, src)) in copy.state().iter().zip(s.model.state()) {
             dst.shallow_clone().copy_(&src);
@@ -356,7 +308,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &s
     unlearn.verify_every = 0;
     unlearn.eval_before = false;
     unlearn.eval_after = false;
-    let recipe = json!({
+    let mut recipe = json!({
         "command": command,
         "seed": plan.seed,
         "model": { "arch": plan.model.arch.name(), "from": from_hash },
@@ -365,6 +317,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &s
         "data": inputs.identity(plan),
         "split": inputs.split_hash(),
     });
+    crate::model::layout::add_precision(&mut recipe, plan.precision);
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
 }
 
@@ -496,12 +449,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     );
     let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
     model.load_bytes(&from_bytes, &from)?;
+    model
+        .set_compute(plan.compute())
+        .map_err(|e| anyhow::anyhow!("device.precision: {e}"))?;
     let command = format!("unlearn:{}", u.method.as_str());
     let recipe = recipe_hash(plan, &inputs, &command, &from_hash);
     let split = inputs.split_hash();
     let optimizer = Optimizer::new(u.optimizer.clone(), model.parameters().len());
     let stop = StopFlag::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
-    let mut engine = Engine::new(comm, &model, optimizer, u.max_skips, stop);
+    let mut engine = Engine::new(comm, &model, optimizer, u.max_skips, stop, &plan.comm)?;
     engine.section = "unlearn";
 
     let mut s = Session {

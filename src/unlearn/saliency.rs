@@ -75,7 +75,7 @@ fn fisher(
         s.trace(phase, k, &global)?;
         let b = stream.next_batch()?;
         s.engine.zero_grad();
-        let local = backward_ce_sum(&s.model, &b, s.device, false);
+        let local = backward_ce_sum(&mut s.engine, &s.model, &b, s.device, false);
         if phase == "fisher_remain" && k == 0 {
             s.faults.in_fisher(s.comm.rank());
         }
@@ -132,18 +132,15 @@ pub fn top_gradient_mask(s: &mut Session, fraction: f64, batch: usize) -> Result
     for _ in 0..mine {
         let b = stream.next_batch()?;
         s.engine.zero_grad();
-        let local = backward_ce_sum(&s.model, &b, s.device, false);
+        let local = backward_ce_sum(&mut s.engine, &s.model, &b, s.device, false);
         let parts: Vec<Tensor> = s
             .engine
             .params
             .iter()
-            .map(|p| {
-                let g = p.grad();
-                if g.defined() {
-                    g.reshape([-1])
-                } else {
-                    p.zeros_like().reshape([-1])
-                }
+            .enumerate()
+            .map(|(i, p)| match s.engine.local_grad(i) {
+                Some(g) => g.reshape([-1]),
+                None => p.zeros_like().reshape([-1]),
             })
             .collect();
         let mean = Tensor::cat(&parts, 0).to_kind(Kind::Double) / local.count.max(1.0);

@@ -49,37 +49,25 @@ impl Sfron {
         let alpha = self.plan.alpha * schedule::cosine(t, s.iterations());
         let batch = s.next(Which::Forget, t)?;
         s.engine.zero_grad();
-        let mut local = Local::default();
-        // This rank's Σ c_i ℓ_i (a graph) and Σ c_i, before the global normaliser.
-        let mut weighted = None;
-        let mut c_sum = 0.0;
         // Autograd keeps the running statistics for the backward pass: they
         // are put back after it.
         let frozen = self
             .plan
             .freeze_bn_on_forget
             .then(|| s.engine.buffer_copies());
-        if !batch.is_empty() {
-            let x = batch.images.to_device(s.device);
-            let y = batch.labels.to_device(s.device);
-            let logits = s.model.forward_t(&x, true);
-            let losses = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::None, -100, 0.0);
-            let c = (losses.detach().pow_tensor_scalar(self.plan.lambda) + WEIGHT_EPS).reciprocal();
-            c_sum = c.sum(Kind::Float).double_value(&[]);
-            weighted = Some((&c * &losses).sum(Kind::Float));
-            local = Local {
-                loss_sum: losses.sum(Kind::Float).double_value(&[]),
-                correct: correct(&logits, &y),
-                count: batch.len() as f64,
-            };
-        }
-        // ε_i = c_i / Σ_j c_j over the global batch.
-        let t0 = std::time::Instant::now();
-        let c_total = s.comm.sum_scalar(c_sum);
-        s.engine.comm_seconds += t0.elapsed().as_secs_f64();
-        if let Some(w) = weighted {
-            (w * (-alpha / c_total)).backward();
-        }
+        let rows = (!batch.is_empty()).then(|| {
+            (
+                batch.images.to_device(s.device),
+                batch.labels.to_device(s.device),
+            )
+        });
+        let local = forget_backward(
+            &s.model,
+            &mut s.engine,
+            rows.as_ref().map(|(x, y)| (x, y)),
+            self.plan.lambda,
+            alpha,
+        );
         if let Some(saved) = frozen {
             s.engine.restore_buffers(&saved);
         }
@@ -92,6 +80,45 @@ impl Sfron {
         s.finish(&mut out, &edit, lr, &format!("iteration {t} (forget step)"))?;
         Ok(out)
     }
+}
+
+/// The forget step's loss and backward pass on this rank's share `rows`
+/// (images, labels; `None`: an empty share, which still joins the
+/// normaliser's sum): per-sample cross-entropy `ℓ_i` in train mode,
+/// `c_i = 1/(ℓ_i^λ + 1e-15)` normalised over the global batch, and the
+/// backward pass of `−α Σ_i ε_i ℓ_i`. The gradient is left in `.grad` for
+/// [`crate::engine::Engine::reduce`] (with [`Scale::Sum`]).
+pub fn forget_backward(
+    model: &crate::model::Model,
+    engine: &mut crate::engine::Engine,
+    rows: Option<(&Tensor, &Tensor)>,
+    lambda: f64,
+    alpha: f64,
+) -> Local {
+    let mut local = Local::default();
+    // This rank's Σ c_i ℓ_i (a graph) and Σ c_i, before the global normaliser.
+    let mut weighted = None;
+    let mut c_sum = 0.0;
+    if let Some((x, y)) = rows {
+        let logits = model.forward_t(x, true);
+        let losses = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::None, -100, 0.0);
+        let c = (losses.detach().pow_tensor_scalar(lambda) + WEIGHT_EPS).reciprocal();
+        c_sum = c.sum(Kind::Float).double_value(&[]);
+        weighted = Some((&c * &losses).sum(Kind::Float));
+        local = Local {
+            loss_sum: losses.sum(Kind::Float).double_value(&[]),
+            correct: correct(&logits, y),
+            count: y.size()[0] as f64,
+        };
+    }
+    // ε_i = c_i / Σ_j c_j over the global batch.
+    let t0 = std::time::Instant::now();
+    let c_total = engine.comm().sum_scalar(c_sum);
+    engine.comm_seconds += t0.elapsed().as_secs_f64();
+    if let Some(w) = weighted {
+        engine.backward(&(w * (-alpha / c_total)));
+    }
+    local
 }
 
 impl Method for Sfron {

@@ -1,11 +1,18 @@
-//! `sfron bench`: measurements reported as rates, never asserted in tests.
+//! `sfron bench`: measurements reported as rates and ratios, never asserted
+//! in tests. `launch/bench` runs them all in one go, with PyTorch beside
+//! them, and prints the ratios BENCHMARKS.md records.
 //!
-//! `bench data` times the input pipeline on an ImageFolder (generated with
-//! ImageNet-like JPEGs when asked): images per second for the train transform
-//! (RandomResizedCrop 224 + flip) and the eval transform (Resize 256 +
-//! CenterCrop 224), for each requested worker count. `launch/bench-data` runs
-//! the same measurement for torchvision's ImageFolder + DataLoader and writes
-//! the ratios into BENCHMARKS.md.
+//! - `bench step` ([`step`]): the SFR-on iteration against bare libtorch.
+//! - `bench reduce` ([`reduce`]): reductions against the ring model.
+//! - `bench data` times the input pipeline on an ImageFolder (generated with
+//!   ImageNet-like JPEGs when asked): images per second for the train
+//!   transform (RandomResizedCrop 224 + flip) and the eval transform (Resize
+//!   256 + CenterCrop 224), for each requested worker count.
+//!   `launch/bench-data` runs the same measurement for torchvision's
+//!   ImageFolder + DataLoader and writes the ratios into BENCHMARKS.md.
+
+pub mod reduce;
+pub mod step;
 
 use std::path::Path;
 use std::sync::Arc;

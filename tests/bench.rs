@@ -1,0 +1,119 @@
+//! The benchmark tools run end to end and say what they measured: `launch/bench`
+//! on a tiny model (sfron and PyTorch, 1 and 2 ranks, the reductions, the
+//! report), and `launch/gpu-check` parsed and dry-run (no GPU here). The
+//! numbers themselves are never asserted: they are measured, in
+//! BENCHMARKS.md.
+
+use std::path::Path;
+use std::process::Command;
+
+mod support;
+use support::text;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+#[cfg(feature = "mpi")]
+#[test]
+fn launch_bench_runs_every_measurement_on_a_tiny_model_and_writes_its_section() {
+    let dir = support::temp_dir("bench-tiny");
+    let md = dir.join("BENCHMARKS.md");
+    std::fs::write(
+        &md,
+        "# Benchmarks\n\n## Input pipeline (`launch/bench-data`)\n\nkept\n",
+    )
+    .unwrap();
+    let o = Command::new(Path::new(ROOT).join("launch/bench"))
+        .current_dir(ROOT)
+        .envs([
+            ("ARCH", "mnist_cnn_bn"),
+            ("IMAGE", "28"),
+            ("CHANNELS", "1"),
+            ("BATCH", "4"),
+            ("ITERATIONS", "2"),
+            ("WARMUP", "1"),
+            ("ROUNDS", "1"),
+            ("R50_ITERATIONS", "0"),
+            ("REDUCE_KIB", "1,64,4096"),
+            ("SFRON_NO_SETUP", "1"),
+        ])
+        .env("BENCH_MD", &md)
+        .env("BENCH_OUT", &dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let label = |l: &str| rows.iter().find(|r| r["label"] == l).cloned();
+    for l in [
+        "sfron_1x1",
+        "pytorch_1x1",
+        "sfron_2x1",
+        "sfron_1x2",
+        "ddp_2x1",
+    ] {
+        let r = label(l).unwrap_or_else(|| panic!("no {l} row in {rows:?}"));
+        assert!(r["sfron_iteration_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let one = label("sfron_1x1").unwrap();
+    assert!(one["ratio_to_bare"].as_f64().unwrap() > 0.0, "{one}");
+    assert_eq!(label("sfron_2x1").unwrap()["ranks"], 2);
+    assert_eq!(label("ddp_2x1").unwrap()["ranks"], 2);
+    let reductions = rows.iter().filter(|r| r["bench"] == "reduce").count();
+    assert_eq!(
+        reductions,
+        3 * 3,
+        "one_call, scratch, segmented for 3 sizes"
+    );
+    let written = std::fs::read_to_string(&md).unwrap();
+    for needle in [
+        "## Input pipeline",
+        "kept",
+        "## Step, scaling and reductions (`launch/bench`)",
+        "SFR-on iteration / bare libtorch",
+        "sfron / PyTorch, same loop",
+        "PyTorch DDP gloo",
+        "Ring model: 4-byte sum",
+        "| 4 MiB |",
+    ] {
+        assert!(
+            written.contains(needle),
+            "{needle:?} missing from\n{written}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gpu_check_parses_and_its_dry_run_lists_every_step() {
+    let script = Path::new(ROOT).join("launch/gpu-check");
+    let o = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = Command::new(&script).arg("--dry-run").output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = text(&o);
+    for step in [
+        "doctor:",
+        "sfron_fp32:",
+        "pytorch_fp32:",
+        "sfron_bf16:",
+        "pytorch_bf16:",
+    ] {
+        assert!(out.contains(step), "{step} missing from\n{out}");
+    }
+    assert!(out.contains("device.precision=\"bf16\" --set device.channels_last=true"));
+    assert!(out.contains("--bf16 --channels-last"));
+    // Without the binary it refuses clearly instead of half-running.
+    let o = Command::new(&script)
+        .env("SFRON_BIN", "/nonexistent/sfron")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("/nonexistent/sfron is not an executable"));
+}
