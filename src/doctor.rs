@@ -80,38 +80,27 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &DoctorArgs) -> Re
         ("agree", check_agree),
     ];
     let mut failed = Vec::new();
-    for (name, check) in checks {
-        let local = check(comm, device);
+    let mut record = |name: &'static str, local: Result<String, String>| {
         let everyone_ok = comm.all_agree(local.is_ok());
         if let Err(why) = &local {
             tracing::error!(check = name, "{why}");
         }
-        let line = if everyone_ok {
-            "ok".to_string()
-        } else {
-            "FAILED (see the failing ranks' logs)".into()
+        let line = match local {
+            Ok(detail) if everyone_ok => format!("ok{detail}"),
+            _ => "FAILED (see the failing ranks' logs)".into(),
         };
         report.push_str(&format!("check       {name:<17} {line}\n"));
         if !everyone_ok {
             failed.push(name);
         }
+    };
+    for (name, check) in checks {
+        record(name, check(comm, device).map(|()| String::new()));
     }
     // The gradient path: buckets on this rank's device, on the data plane
     // `comm.gpu_plane` picks (NCCL, or pinned host buffers through MPI).
-    let buckets = check_buckets(comm, plan, device);
-    let everyone_ok = comm.all_agree(buckets.is_ok());
-    let line = match (&buckets, everyone_ok) {
-        (Ok(plane), true) => format!("ok ({plane})"),
-        (Err(why), _) => {
-            tracing::error!(check = "gradient buckets", "{why}");
-            "FAILED (see the failing ranks' logs)".into()
-        }
-        (Ok(_), false) => "FAILED (see the failing ranks' logs)".into(),
-    };
-    report.push_str(&format!("check       {:<17} {line}\n", "gradient buckets"));
-    if !everyone_ok {
-        failed.push("gradient buckets");
-    }
+    let buckets = check_buckets(comm, plan, device).map(|plane| format!(" ({plane})"));
+    record("gradient buckets", buckets);
     if !failed.is_empty() {
         if comm.is_root() {
             print!("{report}");

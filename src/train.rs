@@ -311,7 +311,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     }
     model
         .set_compute(plan.compute())
-        .map_err(|e| anyhow::anyhow!("device.precision: {e}"))?;
+        .map_err(anyhow::Error::msg)?;
     let recipe = recipe_hash(plan, &inputs, command);
     let split = inputs.split_hash();
     let optimizer = Optimizer::new(t.optimizer.clone(), model.parameters().len());

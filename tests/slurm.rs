@@ -34,6 +34,18 @@ fn script(script: &str, dir: &Path, rc: i32) -> Command {
     cmd
 }
 
+/// The arguments the stand-in srun of `dir` got, after `out` exited 0.
+fn srun_line(dir: &Path, out: &Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let srun = std::fs::read_to_string(dir.join("srun.args")).unwrap();
+    srun.trim().to_string()
+}
+
 fn sbatch(dir: &Path, rc: i32, args: &[&str]) -> Output {
     script(SCRIPT, dir, rc).args(args).output().unwrap()
 }
@@ -43,14 +55,7 @@ fn resumable_exit_requeues_the_job() {
     let dir = fakes("requeue");
     let out = sbatch(&dir, 75, &["doctor", "--set", "run.seed=1"]);
     assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let srun = std::fs::read_to_string(dir.join("srun.args")).unwrap();
-    assert_eq!(
-        srun.trim(),
+        srun_line(&dir, &out),
         "--mpi=pmix --kill-on-bad-exit=1 /opt/sfron doctor --set run.seed=1"
     );
     let scontrol = std::fs::read_to_string(dir.join("scontrol.args")).unwrap();
@@ -98,16 +103,9 @@ fn array(dir: &Path, task: &str) -> Output {
 fn array_task_runs_its_method_and_seed() {
     let dir = fakes("array");
     let out = array(&dir, "4");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let srun = std::fs::read_to_string(dir.join("srun.args")).unwrap();
     // Task 4 of 3 methods × 2 seeds: method 4 mod 3 = ft, seed index 4 div 3 = 1.
     assert_eq!(
-        srun.trim(),
+        srun_line(&dir, &out),
         "--mpi=pmix --kill-on-bad-exit=1 /opt/sfron -c configs/c.toml --set run.name=ft-seed1 \
          --set run.seed=1 unlearn --method ft --from /w/orig.safetensors --split splits/seed-1.json"
     );

@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::comm::buckets::{GpuPlane, Reducer, Strategy};
+use crate::comm::buckets::{self, GpuPlane, Reducer, Strategy};
 use crate::comm::{Comm, ReduceOp};
 use crate::model::{Arch, Model};
 
@@ -179,6 +179,8 @@ pub fn gradients(
     let total: usize = sizes.iter().sum();
     let bytes = 4 * total;
     let what = format!("{} gradients", arch.name());
+    let flat = Tensor::zeros([total as i64], (Kind::Float, Device::Cpu));
+    let offsets = buckets::offsets(&sizes);
     let mut rows = Vec::new();
     for (how, strategy, segmented) in [
         ("one_call", Strategy::Single, false),
@@ -186,21 +188,12 @@ pub fn gradients(
         ("buckets", strategy, true),
     ] {
         let mut reducer = Reducer::new(comm, &sizes, 0, strategy, Device::Cpu, GpuPlane::Mpi)?;
-        let flat = Tensor::zeros([total as i64], (Kind::Float, Device::Cpu));
-        let offsets: Vec<i64> = sizes
-            .iter()
-            .scan(0i64, |o, &n| {
-                let s = *o;
-                *o += n as i64;
-                Some(s)
-            })
-            .collect();
         let mut sum = || {
             time(comm, reps(bytes).min(20), || {
                 reducer
                     .sum(comm, &flat, |b| {
                         for &i in &b.members {
-                            flat.narrow(0, offsets[i], sizes[i] as i64)
+                            flat.narrow(0, offsets[i] as i64, sizes[i] as i64)
                                 .copy_(&grads[i].reshape([-1]));
                         }
                     })

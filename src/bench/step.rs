@@ -111,8 +111,7 @@ fn batch(o: &StepOptions, device: Device) -> Batch {
 /// A model of the plan's architecture with rank 0's fresh weights.
 fn fresh_model(comm: &Comm, plan: &RunPlan, o: &StepOptions, device: Device) -> Result<Model> {
     let mut m = Model::new(plan.model.arch, o.channels, o.classes, device);
-    m.set_compute(plan.compute())
-        .map_err(|e| anyhow::anyhow!("device.precision: {e}"))?;
+    m.set_compute(plan.compute()).map_err(anyhow::Error::msg)?;
     let state: Vec<Tensor> = m.state().into_iter().map(|(_, t)| t).collect();
     broadcast_all(comm, &state)?;
     Ok(m)
@@ -154,7 +153,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
         Ok(())
     };
 
-    let bare = if o.bare {
+    let mut bare = if o.bare {
         tch::manual_seed(plan.seed as i64);
         let m = fresh_model(comm, plan, o, device)?;
         let opt = match plan.unlearn.optimizer {
@@ -196,7 +195,6 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
         sync(device);
     };
 
-    let mut bare = bare;
     for _ in 0..o.warmup {
         iteration(&mut engine)?;
         if let Some(b) = &mut bare {

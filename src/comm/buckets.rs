@@ -60,17 +60,22 @@ pub struct Bucket {
     pub range: Range<usize>,
 }
 
-/// The buckets of a flat buffer of `f32` holding parameters of `sizes`
-/// elements in order, then `tail` more elements; in reduction order.
-pub fn plan(sizes: &[usize], tail: usize, strategy: Strategy) -> Vec<Bucket> {
-    let offsets: Vec<usize> = sizes
+/// Where each of consecutive blocks of `sizes` elements starts.
+pub fn offsets(sizes: &[usize]) -> Vec<usize> {
+    sizes
         .iter()
         .scan(0, |o, &n| {
             let start = *o;
             *o += n;
             Some(start)
         })
-        .collect();
+        .collect()
+}
+
+/// The buckets of a flat buffer of `f32` holding parameters of `sizes`
+/// elements in order, then `tail` more elements; in reduction order.
+pub fn plan(sizes: &[usize], tail: usize, strategy: Strategy) -> Vec<Bucket> {
+    let offsets = offsets(sizes);
     let total: usize = sizes.iter().sum::<usize>() + tail;
     let (first, cap) = match strategy {
         Strategy::Single => {

@@ -295,12 +295,9 @@ impl Comm {
                     return w.all_reduce(buf, op);
                 }
                 let mut pending = Vec::with_capacity(buf.len().div_ceil(segment));
-                for piece in buf.chunks_mut(segment) {
-                    // SAFETY: `piece` is borrowed from `buf` for this whole
-                    // call, and every request is waited for before it ends.
-                    let r = unsafe { w.start(piece, op) };
-                    in_flight(&mut pending, Request(Some(r)));
-                }
+                // SAFETY: `buf` is borrowed for this whole call, and every
+                // request is waited for before it ends.
+                unsafe { start_pieces(w, buf.as_mut_ptr(), buf.len(), op, segment, &mut pending) };
                 pending.into_iter().for_each(Request::wait);
             }
         }
@@ -333,19 +330,8 @@ impl Comm {
                     0 => len.max(1),
                     n => n,
                 };
-                let mut at = 0;
-                while at < len {
-                    let n = segment.min(len - at);
-                    // SAFETY: the caller's contract covers these elements.
-                    let r = unsafe {
-                        w.start(
-                            std::slice::from_raw_parts_mut(ptr.add(at), n),
-                            ReduceOp::Sum,
-                        )
-                    };
-                    in_flight(pending, Request(Some(r)));
-                    at += n;
-                }
+                // SAFETY: the caller's contract.
+                unsafe { start_pieces(w, ptr, len, ReduceOp::Sum, segment, pending) };
             }
         }
     }
@@ -549,13 +535,32 @@ pub struct Request(
     #[cfg(not(feature = "mpi"))] Option<std::convert::Infallible>,
 );
 
-/// Adds `r` to the requests in flight and tests them all, which lets MPI
-/// progress them (Open MPI has no progress thread: a non-blocking reduction
-/// advances only inside MPI calls); completed ones leave the list.
+/// Starts the reduction of the `len` values at `ptr` in pieces of at most
+/// `segment`, each joining `pending`, whose requests in flight are tested
+/// after every start: Open MPI has no progress thread, so a non-blocking
+/// reduction advances only inside MPI calls. Completed ones leave the list.
+///
+/// # Safety
+/// As [`Comm::start_sum`].
 #[cfg(feature = "mpi")]
-fn in_flight(pending: &mut Vec<Request>, r: Request) {
-    pending.push(r);
-    pending.retain_mut(|p| !p.test());
+unsafe fn start_pieces<T: Scalar>(
+    w: &mpi_world::MpiWorld,
+    ptr: *mut T,
+    len: usize,
+    op: ReduceOp,
+    segment: usize,
+    pending: &mut Vec<Request>,
+) {
+    let mut at = 0;
+    while at < len {
+        let n = segment.min(len - at);
+        // SAFETY: the caller's contract covers these elements until every
+        // request completes.
+        let r = unsafe { w.start(std::slice::from_raw_parts_mut(ptr.add(at), n), op) };
+        pending.push(Request(Some(r)));
+        pending.retain_mut(|p| !p.test());
+        at += n;
+    }
 }
 
 impl Request {

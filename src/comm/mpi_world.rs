@@ -58,7 +58,8 @@ impl Request {
 /// # Safety
 /// With `request`, MPI keeps writing into `buf` after the call returns: the
 /// caller must keep `buf` borrowed, unread and unwritten until the request
-/// completes (the borrow in [`super::PendingSum`] enforces this).
+/// completes ([`super::Comm::start_sum`]'s contract; its callers wait for
+/// every request before they return).
 unsafe fn all_reduce_in_place<T: Scalar>(
     world: &SimpleCommunicator,
     buf: &mut [T],

@@ -238,7 +238,7 @@ impl<'a> Engine<'a> {
     /// This rank's gradient of parameter `i` from the backward passes since
     /// the last [`Engine::zero_grad`] (`None`: it got none).
     pub fn local_grad(&self, i: usize) -> Option<&Tensor> {
-        self.local_grads.get(i).filter(|g| g.defined())
+        defined_grad(&self.local_grads, i)
     }
 
     /// Gathers this rank's gradients ([`Engine::backward`]) and `local` into the flat buffer and
@@ -258,7 +258,7 @@ impl<'a> Engine<'a> {
         tch::no_grad(|| {
             self.reducer.sum(self.comm, flat, |bucket| {
                 for &i in &bucket.members {
-                    match local_grads.get(i).filter(|g| g.defined()) {
+                    match defined_grad(local_grads, i) {
                         Some(g) => grads[i].copy_(g),
                         None => {
                             let _ = grads[i].zero_();
@@ -422,6 +422,11 @@ impl<'a> Engine<'a> {
         }
         Ok(())
     }
+}
+
+/// `grads[i]` when the backward pass reached parameter `i`.
+fn defined_grad(grads: &[Tensor], i: usize) -> Option<&Tensor> {
+    grads.get(i).filter(|g| g.defined())
 }
 
 /// Copies `src` into `dst`, tensor by tensor, outside autograd.

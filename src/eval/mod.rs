@@ -344,7 +344,7 @@ pub fn load_model(
     model.load_bytes(&bytes, path)?;
     model
         .set_compute(plan.compute())
-        .map_err(|e| anyhow::anyhow!("device.precision: {e}"))?;
+        .map_err(anyhow::Error::msg)?;
     Ok((model, digest))
 }
 

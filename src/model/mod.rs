@@ -55,7 +55,7 @@ impl Model {
     /// convolution weights take that layout now (their values unchanged).
     pub fn set_compute(&mut self, compute: Compute) -> Result<(), String> {
         if compute.precision == Precision::Bf16 {
-            layout::autocast_available()?;
+            layout::autocast_available().map_err(|e| format!("device.precision: {e}"))?;
         }
         if compute.channels_last {
             tch::no_grad(|| {

@@ -451,7 +451,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     model.load_bytes(&from_bytes, &from)?;
     model
         .set_compute(plan.compute())
-        .map_err(|e| anyhow::anyhow!("device.precision: {e}"))?;
+        .map_err(anyhow::Error::msg)?;
     let command = format!("unlearn:{}", u.method.as_str());
     let recipe = recipe_hash(plan, &inputs, &command, &from_hash);
     let split = inputs.split_hash();
