@@ -23,7 +23,7 @@ use crate::data::{BatchStream, Cursor, Sampler, Stream};
 use crate::engine::checkpoint::{self, Checkpointer, Restored};
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
-use crate::engine::{Engine, Optimizer, Scale, backward_ce_sum, schedule};
+use crate::engine::{Edit, Engine, Optimizer, Scale, backward_ce_sum, schedule};
 use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
@@ -397,7 +397,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     let base_seconds = state.elapsed_s;
     let started = Instant::now();
     let mut step = start;
-    let mut window = (Instant::now(), 0f64, 0f64, 0f64, 0u64);
+    // Since the last record: start, Σ loss, Σ correct, samples, steps, Σ step norm.
+    let mut window = (Instant::now(), 0f64, 0f64, 0f64, 0u64, 0f64);
     while step < end {
         let t0 = Instant::now();
         let batch = stream.next_batch()?;
@@ -407,7 +408,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         let lr = schedule::rate(&t.schedule, t.lr, step, total, t.warmup_steps, per_epoch);
         let mut out = engine.reduce(local, Scale::MeanOverCount)?;
         let what = format!("step {step}");
-        if let Err(e) = engine.step(&mut out, lr, &what) {
+        if let Err(e) = engine.finish(&mut out, &Edit::default(), lr, &what) {
             // Weights and optimizer are the last good step's: keep them.
             state.step = step;
             finish_checkpoint(
@@ -427,12 +428,14 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         window.2 += out.correct;
         window.3 += out.count;
         window.4 += 1;
+        window.5 += out.step_norm;
         if step.is_multiple_of(t.log_every) || step == end {
             let secs = window.0.elapsed().as_secs_f64();
             let rec = json!({
                 "event": "step", "step": step, "epoch": (step - 1) / per_epoch, "lr": lr,
                 "loss": window.1 / window.3.max(1.0), "acc": 100.0 * window.2 / window.3.max(1.0),
                 "images_per_s": window.3 / secs.max(1e-9), "step_ms": 1e3 * dt,
+                "grad_norm": window.5 / window.4.max(1) as f64,
                 "skipped": engine.skips_total,
             });
             progress.show(
@@ -445,7 +448,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
                 ),
             );
             progress.record(rec)?;
-            window = (Instant::now(), 0.0, 0.0, 0.0, 0);
+            window = (Instant::now(), 0.0, 0.0, 0.0, 0, 0.0);
         }
         if t.verify_every > 0 && step.is_multiple_of(t.verify_every) {
             engine.verify_identical(&what)?;

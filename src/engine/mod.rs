@@ -87,6 +87,9 @@ pub struct Outcome {
     pub stop: bool,
     /// L2 norm of the reduced, scaled gradient before any edit.
     pub grad_norm: f64,
+    /// L2 norm of the gradient the optimizer stepped with: after the mask
+    /// and the clipping of [`Engine::finish`] (0 when the step was skipped).
+    pub step_norm: f64,
 }
 
 impl Outcome {
@@ -337,11 +340,14 @@ impl<'a> Engine<'a> {
             if let Some(mask) = edit.mask {
                 let _ = g.shallow_clone().g_mul_(mask);
             }
+            // After the mask, and after whatever the method added between
+            // the reduction and here (ℓ1-sparse's penalty).
+            out.step_norm = g.norm().double_value(&[]);
             if let Some(max_norm) = edit.clip {
-                let norm = g.norm().double_value(&[]);
-                let coef = max_norm / (norm + CLIP_EPS);
+                let coef = max_norm / (out.step_norm + CLIP_EPS);
                 if coef < 1.0 {
                     let _ = g.shallow_clone().g_mul_scalar_(coef);
+                    out.step_norm *= coef;
                 }
             }
         }

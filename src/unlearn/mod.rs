@@ -362,6 +362,8 @@ struct Window {
     loss: f64,
     correct: f64,
     count: f64,
+    steps: u64,
+    step_norm: f64,
 }
 
 impl Window {
@@ -370,7 +372,14 @@ impl Window {
             self.loss += o.loss_sum;
             self.correct += o.correct;
             self.count += o.count;
+            self.steps += 1;
+            self.step_norm += o.step_norm;
         }
+    }
+
+    /// Mean L2 norm of the gradients stepped with ([`Outcome::step_norm`]).
+    fn grad_norm(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.step_norm / self.steps as f64)
     }
 
     fn loss(&self) -> Option<f64> {
@@ -609,6 +618,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
                     rec[format!("{}_loss", which.name())] = json!(loss);
                     rec[format!("{}_acc", which.name())] = json!(acc);
                     line.push(format!("{} loss {loss:.3} acc {acc:.1}%", which.name()));
+                }
+                if let Some(norm) = w.grad_norm() {
+                    rec[format!("{}_grad_norm", which.name())] = json!(norm);
                 }
             }
             comm_mark = s.engine.comm_seconds;
