@@ -21,6 +21,8 @@ pub mod tag {
     pub const RELABEL: u64 = 0x0052_454c_4142_454c;
     /// Bad Teacher's incompetent teacher: `[seed, TEACHER]` seeds libtorch.
     pub const TEACHER: u64 = 0x0054_4541_4348_4552;
+    /// The robustness probe's logit noise: `[seed, LOGIT_NOISE, pass]`.
+    pub const LOGIT_NOISE: u64 = 0x4c4f_4749_5453;
 }
 
 /// SplitMix64.

@@ -142,7 +142,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
     let iteration = |engine: &mut Engine| -> Result<()> {
         engine.zero_grad();
         let rows = (&forget.images, &forget.labels);
-        let local = forget_backward(&model, engine, Some(rows), sfron.lambda, sfron.alpha);
+        let local = forget_backward(&model, engine, Some(rows), sfron, sfron.alpha);
         let mut out = engine.reduce(local, Scale::Sum)?;
         engine.finish(&mut out, &edit, lr, "bench forget step")?;
         engine.zero_grad();

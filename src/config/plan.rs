@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use super::raw::{
     CheckpointSection, CommSection, DataFormat, DeviceKind, EpochSchedule, EvalSection, LogSection,
-    NonFinite, OnCorrupt, OptimizerName, Precision, SaliencyName, ScheduleName, StudySection,
-    TrainOn, TransformName, UnlearnMethod,
+    LossPrecision, NonFinite, OnCorrupt, OptimizerName, Precision, SaliencyName, ScheduleName,
+    StudySection, TrainOn, TransformName, UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -266,6 +266,9 @@ pub struct UnlearnPlan {
     pub eval_after: bool,
     pub max_skips: Option<u32>,
     pub verify_every: u64,
+    /// Relative logit noise of the robustness probe (0 = off).
+    pub logit_noise: f64,
+    pub logit_noise_seed: u64,
 }
 
 /// How the saliency gates the forget gradient.
@@ -298,6 +301,7 @@ pub struct SfronPlan {
     /// `None`: `<run folder>/fisher.safetensors`.
     pub fisher_cache: Option<PathBuf>,
     pub freeze_bn_on_forget: bool,
+    pub loss_precision: LossPrecision,
 }
 
 /// An epoch-based baseline's budget: `epochs` passes over its data at a
@@ -424,6 +428,15 @@ fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
     if u.forget_batch == 0 {
         return Err(config.key_error("unlearn.forget_batch", "must be at least 1"));
     }
+    if !(u.logit_noise.is_finite() && (0.0..=1e-2).contains(&u.logit_noise)) {
+        return Err(config.key_error(
+            "unlearn.logit_noise",
+            format!(
+                "{}: must be in [0, 0.01] (a perturbation probe; 0 = off)",
+                u.logit_noise
+            ),
+        ));
+    }
     let optimizer = optimizer_plan(
         config,
         "unlearn",
@@ -449,6 +462,8 @@ fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
             NonFinite::Error => None,
         },
         verify_every: u.verify_every,
+        logit_noise: u.logit_noise,
+        logit_noise_seed: u.logit_noise_seed,
     })
 }
 
@@ -495,6 +510,7 @@ fn sfron_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<SfronPlan,
         fisher_remain_batches: (s.fisher_remain_batches > 0).then_some(s.fisher_remain_batches),
         fisher_cache: (!s.fisher_cache.trim().is_empty()).then(|| PathBuf::from(&s.fisher_cache)),
         freeze_bn_on_forget: s.freeze_bn_on_forget,
+        loss_precision: s.loss_precision,
     })
 }
 

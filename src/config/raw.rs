@@ -558,6 +558,13 @@ pub struct UnlearnSection {
     pub max_skips: u32,
     /// Compare a digest of every rank's weights every this many iterations (0 = at checkpoints only).
     pub verify_every: u64,
+    /// Robustness probe: every forward pass of the run (Fisher passes
+    /// included) multiplies each logit by `1 + u`, `u` uniform in
+    /// [−logit_noise, logit_noise], as another CPU's last bits would move
+    /// them (0 = off; `launch/robustness` uses 1e-6).
+    pub logit_noise: f64,
+    /// Which draw of that noise (another value, another perturbation).
+    pub logit_noise_seed: u64,
 }
 
 impl Default for UnlearnSection {
@@ -580,6 +587,8 @@ impl Default for UnlearnSection {
             nonfinite: NonFinite::Skip,
             max_skips: 5,
             verify_every: 0,
+            logit_noise: 0.0,
+            logit_noise_seed: 0,
         }
     }
 }
@@ -617,6 +626,8 @@ pub struct SfronSection {
     /// Keep BatchNorm running statistics frozen during forget steps (the
     /// released code updates them with forget data; off = released behaviour).
     pub freeze_bn_on_forget: bool,
+    /// How the per-sample losses behind the adaptive weights are computed.
+    pub loss_precision: LossPrecision,
 }
 
 impl Default for SfronSection {
@@ -636,7 +647,21 @@ impl Default for SfronSection {
             fisher_remain_batches: 0,
             fisher_cache: String::new(),
             freeze_bn_on_forget: false,
+            loss_precision: LossPrecision::Exact,
         }
+    }
+}
+
+string_enum! {
+    /// How SFR-on computes the per-sample forget losses `ℓ_i` that its
+    /// adaptive weights `1/(ℓ_i^λ + 1e-15)` and its forget loss use.
+    LossPrecision {
+        /// `ℓ_i = log(1 + Σ_{j≠y} exp(z_j − z_y))` in float64 from the
+        /// logits: positive and accurate for confident samples.
+        Exact => "exact",
+        /// float32 cross-entropy as released: exactly 0 once the margin
+        /// exceeds about 16.6, where the weight becomes 1e15.
+        Released => "released",
     }
 }
 

@@ -27,6 +27,16 @@ pub struct Model {
     pub in_channels: i64,
     pub classes: i64,
     compute: Compute,
+    /// The robustness probe's relative logit noise ([`Model::set_logit_noise`]).
+    noise: Option<LogitNoise>,
+}
+
+/// Relative noise on every forward pass's logits: `z (1 + u)`, `u` uniform
+/// in `[−rel, rel]` from a keyed stream that advances once per pass.
+struct LogitNoise {
+    rel: f64,
+    seed: u64,
+    passes: std::cell::Cell<u64>,
 }
 
 impl std::fmt::Debug for Model {
@@ -48,6 +58,7 @@ impl Model {
             in_channels,
             classes,
             compute: Compute::default(),
+            noise: None,
         }
     }
 
@@ -74,6 +85,19 @@ impl Model {
         self.compute
     }
 
+    /// Makes every later forward pass multiply each logit by `1 + u`, `u`
+    /// uniform in `[−rel, rel]` (a constant of the graph: gradients flow as
+    /// without it), drawn from a stream keyed by `seed` and the pass's
+    /// number: a probe of how a result moves when the last bits of the
+    /// logits do (`unlearn.logit_noise`). `rel = 0` turns it off.
+    pub fn set_logit_noise(&mut self, rel: f64, seed: u64) {
+        self.noise = (rel > 0.0).then(|| LogitNoise {
+            rel,
+            seed,
+            passes: std::cell::Cell::new(0),
+        });
+    }
+
     /// Logits `[N, classes]` of `xs` `[N, C, H, W]`, in fp32 whatever the
     /// precision; `train` selects BatchNorm's mode.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
@@ -82,12 +106,28 @@ impl Model {
         } else {
             xs.shallow_clone()
         };
-        match self.compute.precision {
+        let logits = match self.compute.precision {
             Precision::Fp32 => self.net.forward_t(&xs, train),
             Precision::Bf16 => {
                 let _bf16 =
                     layout::Autocast::bf16(xs.device()).expect("checked by Model::set_compute");
                 self.net.forward_t(&xs, train).to_kind(Kind::Float)
+            }
+        };
+        match &self.noise {
+            None => logits,
+            Some(noise) => {
+                let pass = noise.passes.get();
+                noise.passes.set(pass + 1);
+                let mut rng =
+                    crate::rng::Rng::keyed(&[noise.seed, crate::rng::tag::LOGIT_NOISE, pass]);
+                let u: Vec<f32> = (0..logits.numel())
+                    .map(|_| rng.uniform_in(-noise.rel, noise.rel) as f32)
+                    .collect();
+                let u = Tensor::from_slice(&u)
+                    .view(logits.size().as_slice())
+                    .to_device(logits.device());
+                &logits + (&logits * u).detach()
             }
         }
     }

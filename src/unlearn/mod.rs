@@ -461,6 +461,11 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     model
         .set_compute(plan.compute())
         .map_err(anyhow::Error::msg)?;
+    // A probe only: its stream restarts on resume and differs by rank.
+    model.set_logit_noise(
+        u.logit_noise,
+        crate::rng::Rng::keyed(&[plan.seed, u.logit_noise_seed, comm.rank() as u64]).next_u64(),
+    );
     let command = format!("unlearn:{}", u.method.as_str());
     let recipe = recipe_hash(plan, &inputs, &command, &from_hash);
     let split = inputs.split_hash();

@@ -26,6 +26,7 @@ use tch::{Kind, Reduction, Tensor};
 
 use super::saliency::{self, Fisher};
 use super::{Budget, Edit, Iteration, Method, Session, Which};
+use crate::config::raw::LossPrecision;
 use crate::config::{Saliency, SfronPlan};
 use crate::engine::progress::Progress;
 use crate::engine::{Local, Outcome, Scale, correct, schedule};
@@ -65,7 +66,7 @@ impl Sfron {
             &s.model,
             &mut s.engine,
             rows.as_ref().map(|(x, y)| (x, y)),
-            self.plan.lambda,
+            &self.plan,
             alpha,
         );
         if let Some(saved) = frozen {
@@ -82,17 +83,51 @@ impl Sfron {
     }
 }
 
+/// Per-sample cross-entropy of `logits` `[N, C]` against `labels` `[N]`,
+/// differentiable, as `precision` says.
+///
+/// `Released` is PyTorch's float32 `cross_entropy(reduction="none")`:
+/// `logsumexp(z) − z_y` rounds to exactly 0 once `1 + Σ_{j≠y} e^{z_j−z_y}`
+/// rounds to 1, i.e. at margins above about 16.6 (`−ln 2^-24`), and its
+/// gradient then loses the `z_y` component. `Exact` computes the same
+/// function as `ℓ = softplus(logsumexp_{j≠y}(z_j − z_y)) = log(1 + Σ_{j≠y}
+/// e^{z_j−z_y})` in float64 (logits are float32, so every difference is
+/// exact): relative error a few float64 ulps at any margin up to ~745, where
+/// the float64 exponential itself underflows; `≈ Σ_{j≠y} e^{z_j−z_y}` when
+/// tiny. Its gradient is `softmax(z) − onehot(y)` without cancellation.
+pub fn per_sample_loss(logits: &Tensor, labels: &Tensor, precision: LossPrecision) -> Tensor {
+    match precision {
+        LossPrecision::Released => {
+            logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::None, -100, 0.0)
+        }
+        LossPrecision::Exact => {
+            let z = logits.to_kind(Kind::Double);
+            let y = labels.unsqueeze(1);
+            let others = (&z - z.gather(1, &y, false)).scatter_value(1, &y, f64::NEG_INFINITY);
+            others.logsumexp([1], false).softplus()
+        }
+    }
+}
+
+/// The adaptive weights `c_i = 1/(ℓ_i^λ + 1e-15)` of detached losses, in
+/// the losses' precision (float64 for `Exact`: finite, positive and
+/// non-increasing in `ℓ_i`; float32 for `Released`, where every `ℓ_i = 0`
+/// weighs 1e15).
+pub fn adaptive_weights(losses: &Tensor, lambda: f64) -> Tensor {
+    (losses.detach().pow_tensor_scalar(lambda) + WEIGHT_EPS).reciprocal()
+}
+
 /// The forget step's loss and backward pass on this rank's share `rows`
 /// (images, labels; `None`: an empty share, which still joins the
-/// normaliser's sum): per-sample cross-entropy `ℓ_i` in train mode,
-/// `c_i = 1/(ℓ_i^λ + 1e-15)` normalised over the global batch, and the
-/// backward pass of `−α Σ_i ε_i ℓ_i`. The gradient is left in `.grad` for
-/// [`crate::engine::Engine::reduce`] (with [`Scale::Sum`]).
+/// normaliser's sum): per-sample cross-entropy `ℓ_i` in train mode
+/// ([`per_sample_loss`]), `c_i = 1/(ℓ_i^λ + 1e-15)` normalised over the
+/// global batch, and the backward pass of `−α Σ_i ε_i ℓ_i`. The gradient is
+/// left in `.grad` for [`crate::engine::Engine::reduce`] (with [`Scale::Sum`]).
 pub fn forget_backward(
     model: &crate::model::Model,
     engine: &mut crate::engine::Engine,
     rows: Option<(&Tensor, &Tensor)>,
-    lambda: f64,
+    plan: &SfronPlan,
     alpha: f64,
 ) -> Local {
     let mut local = Local::default();
@@ -101,12 +136,13 @@ pub fn forget_backward(
     let mut c_sum = 0.0;
     if let Some((x, y)) = rows {
         let logits = model.forward_t(x, true);
-        let losses = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::None, -100, 0.0);
-        let c = (losses.detach().pow_tensor_scalar(lambda) + WEIGHT_EPS).reciprocal();
-        c_sum = c.sum(Kind::Float).double_value(&[]);
-        weighted = Some((&c * &losses).sum(Kind::Float));
+        let losses = per_sample_loss(&logits, y, plan.loss_precision);
+        let kind = losses.kind();
+        let c = adaptive_weights(&losses, plan.lambda);
+        c_sum = c.sum(kind).double_value(&[]);
+        weighted = Some((&c * &losses).sum(kind));
         local = Local {
-            loss_sum: losses.sum(Kind::Float).double_value(&[]),
+            loss_sum: losses.sum(kind).double_value(&[]),
             correct: correct(&logits, y),
             count: y.size()[0] as f64,
         };
@@ -184,5 +220,112 @@ impl Method for Sfron {
             remain,
             union: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ten classes; row `k` has the true class 3 at margin `margins[k]` over
+    /// nine other logits at 0: `ℓ = log(1 + 9 e^{−m})` exactly.
+    fn rows(margins: &[f64]) -> (Tensor, Tensor, Vec<f64>) {
+        let n = margins.len() as i64;
+        let mut z = vec![0f32; margins.len() * 10];
+        for (k, &m) in margins.iter().enumerate() {
+            z[k * 10 + 3] = m as f32;
+        }
+        let exact = margins
+            .iter()
+            .map(|&m| (9.0 * (-m).exp()).ln_1p())
+            .collect();
+        let logits = Tensor::from_slice(&z).view([n, 10]);
+        (
+            logits,
+            Tensor::full([n], 3, (Kind::Int64, tch::Device::Cpu)),
+            exact,
+        )
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        Vec::try_from(t.to_kind(Kind::Double).reshape([-1])).unwrap()
+    }
+
+    #[test]
+    fn exact_losses_stay_positive_and_accurate_where_float32_cross_entropy_is_zero() {
+        let margins = [0.0, 5.0, 10.0, 17.0, 20.0, 40.0, 60.0, 100.0];
+        let (logits, labels, truth) = rows(&margins);
+        let released = values(&per_sample_loss(&logits, &labels, LossPrecision::Released));
+        let exact = values(&per_sample_loss(&logits, &labels, LossPrecision::Exact));
+        // float32: 1 + 9e^-m rounds to 1 from m ≈ 18.8 on (ln 9 + 16.6).
+        assert!(released[..3].iter().all(|&l| l > 0.0), "{released:?}");
+        assert!(released[4..].iter().all(|&l| l == 0.0), "{released:?}");
+        for (k, (&e, &t)) in exact.iter().zip(&truth).enumerate() {
+            // A handful of float64 operations on exact differences: a few ulps.
+            assert!(
+                (e - t).abs() <= 1e-14 * t,
+                "margin {}: {e:e} vs {t:e}",
+                margins[k]
+            );
+        }
+    }
+
+    #[test]
+    fn exact_weights_are_finite_positive_and_ordered_by_loss_where_released_ones_tie() {
+        let margins: Vec<f64> = (0..=20).map(|k| 5.0 * k as f64).collect();
+        let (logits, labels, _) = rows(&margins);
+        for lambda in [0.5, 1.0] {
+            let losses = values(&per_sample_loss(&logits, &labels, LossPrecision::Exact));
+            let exact = values(&adaptive_weights(
+                &per_sample_loss(&logits, &labels, LossPrecision::Exact),
+                lambda,
+            ));
+            assert!(exact.iter().all(|c| c.is_finite() && *c > 0.0), "{exact:?}");
+            // Losses fall as the margin grows, so weights must rise: strictly
+            // while float64 still resolves ℓ^λ next to the 1e-15 of the
+            // formula (ℓ^λ > 1e-15 · 2^-52 ≈ 2e-31; 1e-29 here), and never
+            // fall beyond (the formula's own cap of 1e15).
+            for (k, w) in exact.windows(2).enumerate() {
+                let strict = losses[k + 1].powf(lambda) > 1e-29;
+                assert!(
+                    w[0] < w[1] || (!strict && w[0] <= w[1]),
+                    "λ {lambda}, margins {} and {}: {exact:?}",
+                    margins[k],
+                    margins[k + 1]
+                );
+            }
+            let released = values(&adaptive_weights(
+                &per_sample_loss(&logits, &labels, LossPrecision::Released),
+                lambda,
+            ));
+            // Every margin past float32's cut-off weighs the same 1e15.
+            let tied = released.iter().filter(|&&c| c == released[20]).count();
+            assert!(tied >= 16, "λ {lambda}: {released:?}");
+        }
+    }
+
+    #[test]
+    fn exact_loss_gradient_keeps_the_true_class_component() {
+        // ∂ℓ/∂z = softmax(z) − onehot(y); at margin 20 float32 loses the
+        // true class's −(1 − p_y) entirely.
+        let (logits, labels, _) = rows(&[20.0]);
+        for (precision, lost) in [
+            (LossPrecision::Released, true),
+            (LossPrecision::Exact, false),
+        ] {
+            let z = logits.set_requires_grad(true);
+            let loss = per_sample_loss(&z, &labels, precision).sum(Kind::Double);
+            let g = values(&Tensor::run_backward(&[loss], &[&z], false, false)[0]);
+            let p_other = (-20f64).exp() / (1.0 + 9.0 * (-20f64).exp());
+            assert!((g[0] - p_other).abs() <= 1e-6 * p_other, "{g:?}");
+            if lost {
+                assert_eq!(g[3], 0.0);
+            } else {
+                assert!(
+                    (g[3] + 9.0 * p_other).abs() <= 1e-6 * 9.0 * p_other,
+                    "{g:?}"
+                );
+            }
+        }
     }
 }
