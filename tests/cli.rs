@@ -103,6 +103,39 @@ fn bad_config_exits_2_naming_file_and_key() {
 }
 
 #[test]
+fn unknown_loss_precision_and_noise_out_of_range_exit_2_naming_the_key() {
+    let root = temp_dir("bad-sfron-keys");
+    let run_root = format!("run.root={}", root.display());
+    let out = sfron(&[
+        "--set",
+        &run_root,
+        "--set",
+        "sfron.loss_precision=fast",
+        "unlearn",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("sfron.loss_precision") && stderr.contains("exact, released"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = sfron(&[
+        "--set",
+        &run_root,
+        "--set",
+        "unlearn.logit_noise=0.5",
+        "unlearn",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("`unlearn.logit_noise`"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "nothing written");
+}
+
+#[test]
 fn cuda_request_without_a_gpu_is_a_clear_error() {
     if tch::Cuda::is_available() {
         return; // On a GPU machine this request is valid; nothing to check.

@@ -27,7 +27,7 @@ fn base(root: &Path, name: &str) -> Vec<String> {
         "data.train_limit=2000".into(),
         "data.test_limit=500".into(),
         "data.workers=0".into(),
-        "device.threads=1".into(),
+        format!("device.threads={}", support::threads()),
     ]
 }
 

@@ -18,6 +18,7 @@ use sfron::comm::{Comm, CommMode, REDUCE_CHUNK, ReduceOp};
 use tch::{Kind, Tensor};
 
 mod support;
+use support::error_model;
 
 fn main() {
     if sfron::comm::launched_by_mpi() {
@@ -367,6 +368,12 @@ fn sfron_args(cmd: &mut Command, run_root: &str) {
 
 const MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
 
+/// A mask entry may differ between two runs where their saliencies straddle
+/// the threshold and agree to 1% (error_model::mask_flip_explained): rounding
+/// moves an entry's saliency by far less, a Fisher computed wrongly on N
+/// ranks by a factor (squared before averaging, shares mis-weighted).
+const MASK_TIE: f64 = 1e-2;
+
 /// The built `sfron` on `np` ranks (1: alone, without mpirun).
 fn sfron_on(np: usize) -> Command {
     if np == 1 {
@@ -389,12 +396,13 @@ fn train_cmd(np: usize, run_root: &str, name: &str, arch: &str, extra: &[&str]) 
         format!("data.root={MNIST}"),
         format!("model.arch={arch}"),
         "data.workers=0".into(),
-        "device.threads=1".into(),
+        format!("device.threads={}", support::threads()),
         "train.batch=32".into(),
         // A rate in the smooth regime: at 0.05 the first steps are chaotic and
         // amplify rounding differences (measured 1e-2 after 20 steps, 1e-6 at 0.01).
         "train.lr=0.01".into(),
         "train.max_steps=20".into(),
+        "train.log_every=1".into(),
         "train.eval_every=0".into(),
         "train.verify_every=1".into(),
         "checkpoint.every_steps=4".into(),
@@ -405,10 +413,12 @@ fn train_cmd(np: usize, run_root: &str, name: &str, arch: &str, extra: &[&str]) 
     cmd
 }
 
+fn run_dir(run_root: &str, name: &str) -> std::path::PathBuf {
+    std::path::Path::new(run_root).join(name)
+}
+
 fn weights(run_root: &str, name: &str) -> std::path::PathBuf {
-    std::path::Path::new(run_root)
-        .join(name)
-        .join("model.safetensors")
+    run_dir(run_root, name).join("model.safetensors")
 }
 
 /// Data-parallel training: 1 rank ≡ 2 ranks, bit-identical ranks, exact
@@ -418,15 +428,22 @@ fn training(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
     let one = run(train_cmd(1, run_root, "one", "mnist_cnn", &[]), limit);
     let two = run(train_cmd(2, run_root, "two", "mnist_cnn", &[]), limit);
     let ok = one.code == Some(0) && two.code == Some(0);
-    let diff = if ok {
-        support::max_relative_difference(&weights(run_root, "one"), &weights(run_root, "two"))
+    // Rounding only: within error_model::trajectory() of the path.
+    // Measured (Xeon, native/avx2/default ISA, 1 and 2 threads): ~1e-7.
+    let fraction = if ok {
+        let path = error_model::path(&run_dir(run_root, "one").join("metrics.jsonl"), 0.9);
+        let diff = support::l2_difference(&weights(run_root, "one"), &weights(run_root, "two"));
+        diff / path
     } else {
         f64::INFINITY
     };
-    println!("train 1 rank vs 2 ranks, 20 steps: max relative difference {diff:.3e}");
+    println!(
+        "train 1 rank vs 2 ranks, 20 steps: weights differ by {fraction:.2e} of the path (tolerance {:.1e})",
+        error_model::trajectory()
+    );
     report(
-        "train_1_rank_equals_2_ranks_within_1e-5",
-        ok && diff <= 1e-5,
+        "train_1_rank_equals_2_ranks_to_rounding",
+        ok && fraction <= error_model::trajectory(),
         &two,
     );
 
@@ -509,11 +526,12 @@ fn unlearn_cmd(np: usize, run_root: &str, name: &str, original: &str, split: &st
         format!("run.name={name}"),
         format!("data.root={MNIST}"),
         "data.workers=0".into(),
-        "device.threads=1".into(),
+        format!("device.threads={}", support::threads()),
         "sfron.iterations=20".into(),
         "unlearn.batch=32".into(),
         "unlearn.forget_batch=16".into(),
         "unlearn.verify_every=1".into(),
+        "unlearn.log_every=1".into(),
         "unlearn.eval_before=false".into(),
         "sfron.forget_every=2".into(),
         "sfron.fisher_batch=16".into(),
@@ -571,34 +589,66 @@ fn unlearning(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         for (i, np) in [2usize, 3].into_iter().enumerate() {
             let o = &outs[i + 1];
             let ok = outs[0].code == Some(0) && o.code == Some(0);
+            if !ok {
+                report(
+                    &format!("sfron_{split_name}_1_rank_equals_{np}_ranks"),
+                    false,
+                    if outs[0].code == Some(0) { o } else { &outs[0] },
+                );
+                continue;
+            }
+            // The Fisher, norm-wise over each set and per tensor
+            // (error_model::fisher; measured ~3e-7 and ~4e-6).
             let (a, b) = (
                 file(1, "fisher.safetensors"),
                 file(np, "fisher.safetensors"),
             );
-            let (fisher, fisher_elem, mask, weights) = if ok {
-                (
-                    support::relative_l2_difference(&a, &b, "forget.")
-                        .max(support::relative_l2_difference(&a, &b, "remain.")),
-                    support::max_relative_difference(&a, &b),
-                    support::same_bits(&file(1, "mask.safetensors"), &file(np, "mask.safetensors")),
-                    support::max_relative_difference(
-                        &file(1, "model.safetensors"),
-                        &file(np, "model.safetensors"),
-                    ),
-                )
+            let fisher = support::relative_l2_difference(&a, &b, "forget.")
+                .max(support::relative_l2_difference(&a, &b, "remain."));
+            let (tensor, worst) = support::worst_relative_l2(&a, &b);
+            // The mask: an entry may differ only where rounding explains it.
+            let (unexplained, explained) = support::mask_differences(
+                (&a, &b),
+                (&file(1, "mask.safetensors"), &file(np, "mask.safetensors")),
+                1.0,
+                MASK_TIE,
+            );
+            // The loop, from the same mask: when a tie came out the other
+            // way, the N-rank run is repeated on the 1-rank run's Fisher (a
+            // copy, as the cache it is) so the weights compare the loop.
+            let mut compared = o;
+            let shared;
+            let other = if explained == 0 {
+                name(np)
             } else {
-                (f64::INFINITY, f64::INFINITY, false, f64::INFINITY)
+                let cache = root.join(format!("{}-fisher.safetensors", name(np)));
+                std::fs::copy(&a, &cache).unwrap();
+                let again = format!("{}-shared-fisher", name(np));
+                let mut cmd = unlearn_cmd(np, run_root, &again, &original, split);
+                cmd.args(["--set", &format!("sfron.fisher_cache={}", cache.display())]);
+                shared = run(cmd, limit);
+                compared = &shared;
+                again
             };
-            // The Fisher's norm-wise relative difference; the largest
-            // per-tensor element difference (conv biases: f32 sums of ~10^4
-            // terms with cancellation inside each rank's backward) is printed.
+            let path = error_model::path(&file(1, "metrics.jsonl"), 0.9);
+            let fraction = if compared.code == Some(0) {
+                support::l2_difference(&file(1, "model.safetensors"), &weights(run_root, &other))
+                    / path
+            } else {
+                f64::INFINITY
+            };
             println!(
-                "sfron {split_name} forget set, 1 vs {np} ranks: Fisher {fisher:.3e} (worst element of a tensor {fisher_elem:.3e}), mask identical {mask}, weights after 20 iterations {weights:.3e}"
+                "sfron {split_name} forget set, 1 vs {np} ranks: Fisher {fisher:.2e} (worst tensor {tensor} {worst:.2e}), \
+                 mask entries differing {explained} at ties, {unexplained} elsewhere; \
+                 weights after 20 iterations {fraction:.2e} of the path"
             );
             report(
                 &format!("sfron_{split_name}_1_rank_equals_{np}_ranks"),
-                ok && fisher <= 1e-6 && fisher_elem <= 1e-5 && mask && weights <= 1e-5,
-                if outs[0].code == Some(0) { o } else { &outs[0] },
+                fisher <= error_model::fisher()
+                    && worst <= error_model::fisher_tensor()
+                    && unexplained == 0
+                    && fraction <= error_model::trajectory(),
+                compared,
             );
         }
     }
@@ -664,11 +714,12 @@ fn baselines(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
                     "data.train_limit=600".into(),
                     "data.test_limit=200".into(),
                     "data.workers=0".into(),
-                    "device.threads=1".into(),
+                    format!("device.threads={}", support::threads()),
                     format!("{method}.epochs=2"),
                     "unlearn.batch=64".into(),
                     "unlearn.forget_batch=8".into(),
                     "unlearn.verify_every=1".into(),
+                    "unlearn.log_every=1".into(),
                     "unlearn.eval_before=false".into(),
                 ] {
                     cmd.args(["--set", &set]);
@@ -681,14 +732,45 @@ fn baselines(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             .collect();
         let file = |np: usize, f: &str| root.join(name(np)).join(f);
         let ok = outs.iter().all(|o| o.code == Some(0));
-        let weights = if ok {
-            support::max_relative_difference(
+        // Rounding only: error_model::trajectory() of the path, plus for
+        // ℓ1-sparse the sign flips of weights within rounding of zero
+        // (error_model::l1_flips; measured: 1e-7 of the path without ℓ1,
+        // 1e-7 to 7e-6 with it, depending on whether a flip happened: none
+        // under ATEN_CPU_CAPABILITY=avx2 on the Xeon, some natively).
+        let (fraction, allowed) = if ok {
+            let path = error_model::path(&file(1, "metrics.jsonl"), 0.9);
+            let diff = support::l2_difference(
                 &file(1, "model.safetensors"),
                 &file(2, "model.safetensors"),
-            )
+            );
+            let mut allowed = error_model::trajectory();
+            if method == "l1_sparse" {
+                // The defaults of the runs above: α 5e-4, η 0.01, μ 0.9.
+                let (alpha, lr, momentum) = (5e-4, 0.01, 0.9);
+                let band = alpha * lr / (1.0 - momentum);
+                let w = support::tensors(&file(1, "model.safetensors"));
+                let n_weights = w.iter().map(|(_, v)| v.len()).sum::<usize>() as f64;
+                let n_band = w
+                    .iter()
+                    .flat_map(|(_, v)| v.iter())
+                    .filter(|x| (x.abs() as f64) <= band)
+                    .count() as f64;
+                let steps = std::fs::read_to_string(file(1, "metrics.jsonl"))
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.contains("\"event\":\"step\""))
+                    .count() as f64;
+                allowed +=
+                    error_model::l1_flips(alpha, lr, momentum, steps, n_band, n_weights, path)
+                        / path;
+            }
+            (diff / path, allowed)
         } else {
-            f64::INFINITY
+            (f64::INFINITY, 0.0)
         };
+        // Masks, wrong labels and the incompetent teacher are computed from
+        // whole global batches, each on one rank, and summed in float64:
+        // the same bits on any rank count.
         let mut same_choices = true;
         for f in [
             "mask.safetensors",
@@ -705,12 +787,12 @@ fn baselines(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             }
         }
         println!(
-            "{method}, 1 vs 2 ranks: weights after two epochs {weights:.3e}, \
-             random choices and mask identical {same_choices}"
+            "{method}, 1 vs 2 ranks: weights after two epochs {fraction:.2e} of the path \
+             (tolerance {allowed:.1e}), random choices and mask identical {same_choices}"
         );
         report(
             &format!("{method}_1_rank_equals_2_ranks"),
-            ok && weights <= 1e-5 && same_choices,
+            ok && fraction <= allowed && same_choices,
             outs.iter().find(|o| o.code != Some(0)).unwrap_or(&outs[1]),
         );
     }
@@ -734,7 +816,7 @@ fn evaluation(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             "data.train_limit=600".into(),
             "data.test_limit=300".into(),
             "data.workers=0".into(),
-            "device.threads=1".into(),
+            format!("device.threads={}", support::threads()),
             "eval.batch=64".into(),
             "eval.logits=true".into(),
         ] {

@@ -28,7 +28,7 @@ fn sets(root: &Path, name: &str, steps: u64) -> Vec<String> {
         "train.log_every=1".into(),
         "train.eval_every=0".into(),
         "checkpoint.every_steps=5".into(),
-        "device.threads=1".into(),
+        format!("device.threads={}", support::threads()),
     ]
     .into()
 }

@@ -3,6 +3,21 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+#[allow(dead_code)]
+pub mod error_model;
+
+/// Threads per rank of the sfron runs the tests start (`device.threads`):
+/// `SFRON_TEST_THREADS`, default 1. Running the suite with 2 checks that no
+/// tolerance depends on the thread count (the kernels split their sums
+/// differently).
+#[allow(dead_code)]
+pub fn threads() -> String {
+    std::env::var("SFRON_TEST_THREADS")
+        .ok()
+        .filter(|t| t.parse::<u32>().is_ok_and(|n| n > 0))
+        .unwrap_or_else(|| "1".into())
+}
+
 /// A new empty folder under the system temp folder, unique to this test
 /// binary's process.
 #[allow(dead_code)]
@@ -138,4 +153,86 @@ pub fn relative_l2_difference(a: &std::path::Path, b: &std::path::Path, prefix: 
         }
     }
     (num / den.max(1e-300)).sqrt()
+}
+
+/// `‖a − b‖₂` over every tensor of two weight files with the same names.
+#[allow(dead_code)]
+pub fn l2_difference(a: &std::path::Path, b: &std::path::Path) -> f64 {
+    let (ta, tb) = (tensors(a), tensors(b));
+    let mut sum = 0f64;
+    for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb, "different tensors");
+        sum += x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
+            .sum::<f64>();
+    }
+    sum.sqrt()
+}
+
+/// The tensor of two weight files with the largest `‖a − b‖₂ / ‖b‖₂`, and that value.
+#[allow(dead_code)]
+pub fn worst_relative_l2(a: &std::path::Path, b: &std::path::Path) -> (String, f64) {
+    let (ta, tb) = (tensors(a), tensors(b));
+    let mut worst = (String::new(), 0f64);
+    for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb, "different tensors");
+        let (mut num, mut den) = (0f64, 0f64);
+        for (p, q) in x.iter().zip(y) {
+            num += (*p as f64 - *q as f64).powi(2);
+            den += (*q as f64).powi(2);
+        }
+        let r = (num / den.max(1e-300)).sqrt();
+        if r > worst.1 {
+            worst = (na.clone(), r);
+        }
+    }
+    worst
+}
+
+/// Entries of two hard masks (`masks`: files of 0/1 tensors named like the
+/// parameters) that differ, split into those that rounding explains by the
+/// two runs' saliencies `S = (F_f + 1e-15)/(F_r + 1e-15)` (`fishers`: files
+/// of `forget.<param>`, `remain.<param>`) and those it does not
+/// ([`error_model::mask_flip_explained`]): `(unexplained, explained)`.
+#[allow(dead_code)]
+pub fn mask_differences(
+    fishers: (&std::path::Path, &std::path::Path),
+    masks: (&std::path::Path, &std::path::Path),
+    gamma: f64,
+    rel: f64,
+) -> (usize, usize) {
+    let saliency = |path: &std::path::Path| {
+        let all: std::collections::BTreeMap<String, Vec<f32>> = tensors(path).into_iter().collect();
+        all.iter()
+            .filter_map(|(n, f)| {
+                let p = n.strip_prefix("forget.")?;
+                let r = &all[&format!("remain.{p}")];
+                let s = f
+                    .iter()
+                    .zip(r)
+                    .map(|(f, r)| (*f as f64 + 1e-15) / (*r as f64 + 1e-15))
+                    .collect::<Vec<f64>>();
+                Some((p.to_string(), s))
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (sa, sb) = (saliency(fishers.0), saliency(fishers.1));
+    let (ma, mb) = (tensors(masks.0), tensors(masks.1));
+    let (mut unexplained, mut explained) = (0, 0);
+    for ((n, x), (nb, y)) in ma.iter().zip(&mb) {
+        assert_eq!(n, nb, "different tensors");
+        for (k, (p, q)) in x.iter().zip(y).enumerate() {
+            if p == q {
+                continue;
+            }
+            if error_model::mask_flip_explained(sa[n][k], sb[n][k], gamma, rel) {
+                explained += 1;
+            } else {
+                unexplained += 1;
+            }
+        }
+    }
+    (unexplained, explained)
 }
