@@ -132,7 +132,11 @@ fn unknown_loss_precision_and_noise_out_of_range_exit_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("`unlearn.logit_noise`"), "{stderr}");
-    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "nothing written");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "nothing written"
+    );
 }
 
 #[test]

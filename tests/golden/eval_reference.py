@@ -64,11 +64,16 @@ y = np.concatenate([np.ones(remain.sum()), np.zeros(test.sum())])
 # the entropies barely vary (an undertrained model), so it is only printed.
 lr = LogisticRegression(class_weight="balanced", solver="newton-cholesky", tol=1e-10).fit(x, y)
 mia = 100.0 * lr.predict(entropy[forget].reshape(-1, 1)).mean()
-# Within 0.5 points: both solvers reach the regression's optimum (to 1e-10
-# relative), so a forget sample's decision can differ only if its entropy
-# lies within about that of the threshold; one flip would move the share by
-# 100/|D_f| points, over 0.5 for the tests' forget sets (|D_f| < 200).
-check("mia_entropy", m["mia_entropy"], mia, 0.5)
+# Both solvers reach the regression's optimum (to about 1e-10 relative), so
+# a forget sample's decision may differ only where its decision value lies
+# within that of zero: allowed, 100/|D_f| points per such sample (1e-6 on
+# the decision value), and 1e-9 for the float sums.
+def near_boundary(decision, width):
+    return 100.0 * float((np.abs(decision) <= width).sum()) / len(decision) + 1e-9
+
+
+mia_near = near_boundary(lr.decision_function(entropy[forget].reshape(-1, 1)), 1e-6)
+check("mia_entropy", m["mia_entropy"], mia, mia_near)
 default = LogisticRegression(class_weight="balanced").fit(x, y)
 print(f"{'(mia_entropy, sklearn lbfgs)':<28} {100.0 * default.predict(entropy[forget].reshape(-1, 1)).mean():.6f} after {default.n_iter_[0]} iteration(s)")
 
@@ -80,9 +85,14 @@ x = np.concatenate([shadow, confidence[test]]).reshape(-1, 1)
 y = np.concatenate([np.ones(len(shadow)), np.zeros(n_test)])
 svc = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
 efficacy = 100.0 * (1.0 - svc.predict(confidence[forget].reshape(-1, 1)).mean())
-# As for the entropy MIA: libsvm's SMO and sfron's stop at the same KKT
-# tolerance (1e-3) of the same problem; 0.5 points is less than one flip.
-check("mia_efficacy", m["mia_efficacy"], efficacy, 0.5)
+# As for the entropy MIA, but libsvm's SMO and sfron's stop at a KKT
+# tolerance of 1e-3 on the same problem: two such solutions' decision
+# values may differ by about that, so a forget sample within 1e-2 of the
+# boundary may fall either way. (Seen: under ATEN_CPU_CAPABILITY=default
+# the model's confidences moved by rounding and put one of 200 forget
+# samples there: 8.5% against 8.0%.)
+efficacy_near = near_boundary(svc.decision_function(confidence[forget].reshape(-1, 1)), 1e-2)
+check("mia_efficacy", m["mia_efficacy"], efficacy, efficacy_near)
 
 if "logits" in ex:
     logits = torch.from_numpy(ex["logits"]).double()
