@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use crate::cli::{BenchCommand, Cli, Command};
 use crate::comm::{Comm, CommMode};
 use crate::config::{self, Layers, RunPlan};
+use crate::rundir::RunLock;
 use crate::train::{self, Status};
 use crate::{bench, device, doctor, eval, exit, fsx, split, study, telemetry, unlearn};
 
@@ -56,6 +57,15 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
     let _entered = span.enter();
     let device = device::select(&plan)?;
     tracing::info!(ranks = comm.size(), backend = comm.backend(), device = %device::describe(device), "started");
+    // Every command that writes the run folder holds it for the whole job.
+    let _lock = match &cli.command {
+        Command::Bench(_) => None,
+        other => Some(RunLock::acquire(
+            comm,
+            &plan.run_dir,
+            &format!("sfron {}", other.name()),
+        )?),
+    };
     match &cli.command {
         Command::Train(args) => {
             return train::run(comm, &plan, device, train::Faults::from_args(&args.faults));

@@ -64,6 +64,19 @@ pub struct MoreSets {
 }
 
 impl Command {
+    /// The subcommand's name, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Doctor(_) => "doctor",
+            Command::Split(_) => "split",
+            Command::Train(_) => "train",
+            Command::Unlearn(_) => "unlearn",
+            Command::Eval(_) => "eval",
+            Command::Study(_) => "study",
+            Command::Bench(_) => "bench",
+        }
+    }
+
     /// The `--set`s given after the subcommand, then what its shorthand flags stand for.
     pub fn sets(&self) -> Vec<String> {
         match self {

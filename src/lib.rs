@@ -17,7 +17,7 @@
 //!   unlearn` (SFR-on in [`unlearn::sfron`]); [`eval`]: `sfron eval`
 //!   (per-example outputs, metrics, MIAs); [`study`]: `sfron study` (the
 //!   whole pipeline, stage reuse, the report).
-//! - [`fsx`]: atomic file writes.
+//! - [`fsx`]: atomic file writes; [`rundir`]: a run folder's exclusive lock.
 //!
 //! Threading rule: MPI is initialised once, in [`app::run`], and only the main
 //! thread calls [`comm::Comm`]. tokio tasks and worker threads never call MPI;
@@ -38,6 +38,7 @@ pub mod fsx;
 pub mod inputs;
 pub mod model;
 pub mod rng;
+pub mod rundir;
 pub mod split;
 pub mod study;
 pub mod telemetry;

@@ -466,3 +466,76 @@ fn bf16_and_channels_last_train_on_the_cpu_and_bf16_is_part_of_the_recipe() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A run folder belongs to one job at a time: a second `sfron train` on a
+/// folder in use exits 2 naming the folder and the holder, and writes
+/// nothing; the lock of a job killed with SIGKILL does not block the next
+/// one, which resumes; a lock held by another process (here the test
+/// itself) keeps eval and study out of their folders the same way.
+#[test]
+fn a_run_folder_in_use_is_refused_and_a_killed_holder_blocks_nothing() {
+    let root = temp_dir("train-lock");
+    let s = sets(&root, "busy", 400);
+    let mut first = spawn(&s);
+    let metrics = root.join("busy/metrics.jsonl");
+    let start = Instant::now();
+    while step_lines(&metrics) < 3 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let second = train(&s, &[]);
+    let err = text(&second);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&root.join("busy").display().to_string())
+            && err.contains(&format!("pid {}", first.id()))
+            && err.contains("host ")
+            && err.contains("sfron train"),
+        "{err}"
+    );
+    // SIGKILL: no chance to clean up; the kernel drops the lock.
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
+    first.wait().unwrap();
+    assert!(root.join("busy").join(".sfron.lock").exists());
+    let mut s = s;
+    s.push("train.max_steps=6".into());
+    let third = train(&s, &[]);
+    assert_eq!(third.status.code(), Some(0), "{}", text(&third));
+
+    // Held by another process: nothing in the folder changes.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.join("busy/.sfron.lock"))
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on our own descriptor; released when `held` closes.
+    assert_eq!(
+        unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let before = snapshot(&root.join("busy"));
+    let again = train(&s, &[]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    let eval = support::sfron(
+        &[
+            format!("run.root={}", root.display()),
+            "run.name=busy".into(),
+            format!("data.root={MNIST}"),
+        ],
+        &["eval", "--model", model(&root, "busy").to_str().unwrap()],
+    );
+    assert_eq!(eval.status.code(), Some(2), "{}", text(&eval));
+    assert!(
+        text(&eval).contains("in use by another job"),
+        "{}",
+        text(&eval)
+    );
+    assert_eq!(
+        snapshot(&root.join("busy")),
+        before,
+        "the refused jobs wrote"
+    );
+    drop(held);
+    std::fs::remove_dir_all(&root).unwrap();
+}

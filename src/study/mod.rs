@@ -36,6 +36,7 @@ use crate::eval::{self, Evaluation, Examples};
 use crate::fsx::{sha256_hex, write_atomic};
 use crate::inputs::Inputs;
 use crate::model::weights;
+use crate::rundir::{self, RunLock};
 use crate::train::{self, MODEL_FILE, Status};
 use crate::unlearn;
 pub use report::{Row, Summary};
@@ -236,7 +237,8 @@ fn train_stage(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
     };
     let key = format!("{command}:{}", train::recipe_hash(plan, &inputs, command));
     let outputs = [MODEL_FILE, "train.json"];
-    if begin(comm, &plan.run_dir, &key, &outputs)? {
+    let (done, _lock) = begin(comm, &plan.run_dir, &key, &outputs)?;
+    if done {
         return Ok(Status::Done);
     }
     let faults = train::Faults::from_args(&crate::cli::FaultArgs::default());
@@ -253,7 +255,8 @@ fn unlearn_stage(comm: &Comm, plan: &RunPlan, device: Device, from_id: &str) -> 
     let command = format!("unlearn:{}", plan.unlearn.method.as_str());
     let key = unlearn::recipe_hash(plan, &inputs, &command, from_id);
     let outputs = [MODEL_FILE, "unlearn.json"];
-    if begin(comm, &plan.run_dir, &key, &outputs)? {
+    let (done, _lock) = begin(comm, &plan.run_dir, &key, &outputs)?;
+    if done {
         return Ok(Status::Done);
     }
     let args = crate::cli::UnlearnArgs::default();
@@ -292,7 +295,8 @@ fn eval_stage(
         )
     );
     let outputs = [eval::EVAL_FILE, eval::EXAMPLES_FILE];
-    if begin(comm, &plan.run_dir, &key, &outputs)? {
+    let (done, _lock) = begin(comm, &plan.run_dir, &key, &outputs)?;
+    if done {
         if !comm.is_root() {
             return Ok(None);
         }
@@ -309,10 +313,12 @@ fn eval_stage(
     Ok(done)
 }
 
-/// Whether the stage in `dir` is done under `key` with its outputs intact
-/// (rank 0 decides, every rank learns it). When it is not, a folder that
-/// another key left is cleared and `key` is recorded as started.
-fn begin(comm: &Comm, dir: &Path, key: &str, outputs: &[&str]) -> Result<bool> {
+/// Locks the stage's folder for as long as the returned lock lives, then
+/// says whether the stage in `dir` is done under `key` with its outputs
+/// intact (rank 0 decides, every rank learns it). When it is not, a folder
+/// that another key left is cleared and `key` is recorded as started.
+fn begin(comm: &Comm, dir: &Path, key: &str, outputs: &[&str]) -> Result<(bool, RunLock)> {
+    let lock = RunLock::acquire(comm, dir, "sfron study (a stage)")?;
     let mut verdict = [0u8];
     if comm.is_root() {
         let record = read_record(dir);
@@ -327,8 +333,7 @@ fn begin(comm: &Comm, dir: &Path, key: &str, outputs: &[&str]) -> Result<bool> {
             Some(r) if r.key == key && r.done && intact(r) => verdict[0] = 1,
             Some(r) if r.key != key => {
                 tracing::info!(stage = %dir.display(), "the stage's inputs changed: starting it over");
-                std::fs::remove_dir_all(dir)
-                    .with_context(|| format!("clearing {}", dir.display()))?;
+                rundir::clear(dir).with_context(|| format!("clearing {}", dir.display()))?;
             }
             _ => {}
         }
@@ -346,7 +351,7 @@ fn begin(comm: &Comm, dir: &Path, key: &str, outputs: &[&str]) -> Result<bool> {
     if verdict[0] == 1 {
         tracing::info!(stage = %dir.display(), "reused");
     }
-    Ok(verdict[0] == 1)
+    Ok((verdict[0] == 1, lock))
 }
 
 /// Rank 0 records the stage as done with its outputs' digests.
