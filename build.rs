@@ -6,7 +6,8 @@
 //! is there we link `torch_cuda` and `torch` between `--no-as-needed` and
 //! `--as-needed`: nothing in our code references a CUDA symbol, so otherwise
 //! the linker drops the library and `tch::Cuda::is_available()` says false on
-//! a GPU node. We also record the libtorch version for `sfron doctor`.
+//! a GPU node. We also record the libtorch version for `sfron doctor`, and
+//! compile global BatchNorm's autograd function against libtorch's headers.
 
 use std::fs;
 use std::path::Path;
@@ -15,14 +16,14 @@ fn main() {
     #[cfg(feature = "mpi")]
     build_in_place_shim();
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        println!("cargo:warning=torch-sys did not report its libtorch folder; no rpath set");
-        println!("cargo:rustc-env=SFRON_LIBTORCH_LIB=unknown");
-        println!("cargo:rustc-env=SFRON_LIBTORCH_VERSION=unknown");
-        println!("cargo:rustc-env=SFRON_LIBTORCH_CUDA=false");
-        return;
-    };
+    // Global BatchNorm's C++ (src/model/sync_batch_norm.cpp) needs
+    // libtorch's headers: no build without them.
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
+        "torch-sys did not report its libtorch folder (DEP_TCH_LIBTORCH_LIB): \
+         run launch/setup, or set LIBTORCH to a libtorch 2.11 folder",
+    );
     let lib_dir = Path::new(&lib);
+    build_sync_batch_norm(lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     let has_cuda = lib_dir.join("libtorch_cuda.so").exists();
     if has_cuda {
@@ -54,6 +55,25 @@ fn build_in_place_shim() {
         build.include(dir);
     }
     build.compile("sfron_mpi_in_place");
+}
+
+/// Compiles global BatchNorm's autograd function (src/model/sync_batch_norm.cpp)
+/// against the headers of the libtorch in `lib_dir` (`lib/../include`), with
+/// the C++ ABI that torch-sys builds libtch with.
+fn build_sync_batch_norm(lib_dir: &Path) {
+    println!("cargo:rerun-if-changed=src/model/sync_batch_norm.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let include = lib_dir.join("../include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("src/model/sync_batch_norm.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .warnings(false)
+        .compile("sfron_sync_batch_norm");
 }
 
 /// The version string of the libtorch in `lib_dir`: `build-version` of a

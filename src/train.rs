@@ -153,6 +153,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
         "split": inputs.split_hash(),
     });
     crate::model::layout::add_precision(&mut recipe, plan.precision);
+    crate::model::norm::add_to_recipe(&mut recipe, plan.model.arch, plan.model.batchnorm.mode);
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
 }
 
@@ -316,7 +317,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     let split = inputs.split_hash();
     let optimizer = Optimizer::new(t.optimizer.clone(), model.parameters().len());
     let stop = StopFlag::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
-    let mut engine = Engine::new(comm, &model, optimizer, t.max_skips, stop, &plan.comm)?;
+    let mut engine = Engine::new(
+        comm,
+        &model,
+        optimizer,
+        t.max_skips,
+        stop,
+        &plan.comm,
+        plan.model.batchnorm,
+    )?;
 
     let mut state = RunState {
         command: command.into(),

@@ -127,7 +127,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
     let sfron = &plan.sfron;
     let optimizer = Optimizer::new(plan.unlearn.optimizer.clone(), model.parameters().len());
     let stop = StopFlag::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
-    let mut engine = Engine::new(comm, &model, optimizer, None, stop, &plan.comm)?;
+    let mut engine = Engine::new(
+        comm,
+        &model,
+        optimizer,
+        None,
+        stop,
+        &plan.comm,
+        plan.model.batchnorm,
+    )?;
     let numel: i64 = engine.params.iter().map(|p| p.numel() as i64).sum();
     // Half the entries kept, as SFR-on's saliency mask keeps about half.
     let mask = Tensor::rand([numel], (Kind::Float, device))

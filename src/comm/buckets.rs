@@ -122,8 +122,8 @@ enum Plane {
     Host,
     /// GPU buffer, MPI through a pinned host copy.
     Staged { host: Tensor },
-    /// GPU buffer, NCCL.
-    Nccl(Nccl),
+    /// GPU buffer, NCCL (shared with global BatchNorm's sums).
+    Nccl(std::rc::Rc<Nccl>),
 }
 
 /// Reduces one flat `f32` buffer, bucket by bucket, on a fixed data plane.
@@ -158,7 +158,7 @@ impl Reducer {
                         if comm.is_root() {
                             tracing::info!(version = %n.version, "gradients summed by NCCL");
                         }
-                        Plane::Nccl(n)
+                        Plane::Nccl(std::rc::Rc::new(n))
                     }
                     Err(why) if gpu == GpuPlane::Nccl => {
                         return Err(CommError::Setup(format!(
@@ -190,6 +190,14 @@ impl Reducer {
 
     pub fn buckets(&self) -> &[Bucket] {
         &self.buckets
+    }
+
+    /// The NCCL communicator of the gradients, if that is the plane.
+    pub fn nccl(&self) -> Option<std::rc::Rc<Nccl>> {
+        match &self.plane {
+            Plane::Nccl(n) => Some(n.clone()),
+            _ => None,
+        }
     }
 
     /// "host", "pinned host + MPI" or "nccl".

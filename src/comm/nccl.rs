@@ -32,6 +32,7 @@ struct UniqueId {
 type RawComm = *mut c_void;
 /// `ncclFloat32` and `ncclSum` in `nccl.h`.
 const NCCL_FLOAT32: c_int = 7;
+const NCCL_FLOAT64: c_int = 8;
 const NCCL_SUM: c_int = 0;
 
 /// The bound entry points; `_lib` keeps them valid.
@@ -209,6 +210,26 @@ impl Nccl {
                 ptr.cast(),
                 len,
                 NCCL_FLOAT32,
+                NCCL_SUM,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        self.api.check(rc, "ncclAllReduce")
+    }
+
+    /// [`Nccl::sum_f32`] of `len` doubles (global BatchNorm's statistics).
+    ///
+    /// # Safety
+    /// As [`Nccl::sum_f32`], for `len` doubles.
+    pub unsafe fn sum_f64(&self, ptr: *mut f64, len: usize) -> Result<(), String> {
+        // SAFETY: the caller's contract; a null stream is the default stream.
+        let rc = unsafe {
+            (self.api.all_reduce)(
+                ptr.cast_const().cast(),
+                ptr.cast(),
+                len,
+                NCCL_FLOAT64,
                 NCCL_SUM,
                 self.comm,
                 std::ptr::null_mut(),

@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use config::{Map, Source, Value, ValueKind};
 
 pub use plan::{
-    BadTeacherPlan, Baselines, DataPlan, EpochPlan, GaPlan, L1SparsePlan, ModelPlan, OptimizerPlan,
-    RunPlan, Saliency, SalunPlan, Schedule, ScrubPlan, SfronPlan, TrainPlan, UnlearnPlan,
+    BadTeacherPlan, Baselines, BatchNormPlan, DataPlan, EpochPlan, GaPlan, L1SparsePlan, ModelPlan,
+    OptimizerPlan, RunPlan, Saliency, SalunPlan, Schedule, ScrubPlan, SfronPlan, TrainPlan,
+    UnlearnPlan,
 };
 pub use raw::RawConfig;
 

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use super::raw::{
-    CheckpointSection, CommSection, DataFormat, DeviceKind, EpochSchedule, EvalSection, LogSection,
-    LossPrecision, NonFinite, OnCorrupt, OptimizerName, Precision, SaliencyName, ScheduleName,
-    StudySection, TrainOn, TransformName, UnlearnMethod,
+    BatchNormMode, CheckpointSection, CommSection, DataFormat, DeviceKind, EpochSchedule,
+    EvalSection, LogSection, LossPrecision, NonFinite, OnCorrupt, OptimizerName, Precision,
+    SaliencyName, ScheduleName, StudySection, TrainOn, TransformName, UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -203,6 +203,14 @@ impl RunPlan {
 pub struct ModelPlan {
     pub arch: Arch,
     pub init: Option<PathBuf>,
+    pub batchnorm: BatchNormPlan,
+}
+
+/// `model.batchnorm`, and whether a layer above the defaults set it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormPlan {
+    pub mode: BatchNormMode,
+    pub explicit: bool,
 }
 
 /// The learning-rate rule.
@@ -648,6 +656,10 @@ fn model_plan(config: &LoadedConfig) -> Result<ModelPlan, ConfigError> {
     Ok(ModelPlan {
         arch,
         init: (!m.init.trim().is_empty()).then(|| PathBuf::from(&m.init)),
+        batchnorm: BatchNormPlan {
+            mode: m.batchnorm,
+            explicit: config.origin("model.batchnorm") != super::DEFAULT_ORIGIN,
+        },
     })
 }
 

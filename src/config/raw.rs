@@ -289,6 +289,8 @@ pub struct ModelSection {
     pub width: f64,
     /// Weights to start `train` from ("" = a fresh, seeded initialisation).
     pub init: String,
+    /// Which batch BatchNorm normalises by in train mode.
+    pub batchnorm: BatchNormMode,
 }
 
 impl Default for ModelSection {
@@ -297,7 +299,23 @@ impl Default for ModelSection {
             arch: "mnist_cnn".into(),
             width: 1.0,
             init: String::new(),
+            batchnorm: BatchNormMode::Global,
         }
+    }
+}
+
+string_enum! {
+    /// Which batch BatchNorm layers normalise by in train mode, on more than
+    /// one rank (one rank: its batch is the global batch either way).
+    BatchNormMode {
+        /// The global batch of every rank, as `torch.nn.SyncBatchNorm`: N
+        /// ranks normalise as one rank does, and every rank's running
+        /// statistics come out the same. Costs two small sums per layer and
+        /// step (forward and backward).
+        Global => "global",
+        /// Each rank's own share; rank 0's running statistics are broadcast
+        /// after every step. Depends on the rank count.
+        Local => "local",
     }
 }
 

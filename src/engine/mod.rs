@@ -33,9 +33,11 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::comm::Comm;
 use crate::comm::buckets::{Reducer, Strategy};
-use crate::config::raw::CommSection;
+use crate::config::BatchNormPlan;
+use crate::config::raw::{BatchNormMode, CommSection};
 use crate::data::Batch;
 use crate::model::Model;
+use crate::model::norm::{NormSync, StatSum};
 pub use optim::Optimizer;
 
 /// Slots after the gradient in the flat buffer.
@@ -124,9 +126,56 @@ pub struct Engine<'a> {
     /// broadcasting the BatchNorm buffers (the distribution scheme's cost),
     /// since the engine was made.
     pub comm_seconds: f64,
+    /// The model's BatchNorm sync while it is global (cleared on drop).
+    global_norm: Option<NormSync>,
+}
+
+impl Drop for Engine<'_> {
+    fn drop(&mut self) {
+        if let Some(norm) = &self.global_norm {
+            norm.set(None);
+        }
+    }
+}
+
+/// Global BatchNorm's cross-rank sums ([`StatSum`]): on the gradients' NCCL
+/// communicator for CUDA tensors when that is their plane, else through MPI
+/// (via host memory for CUDA tensors).
+struct CommSum {
+    comm: *const Comm,
+    nccl: Option<std::rc::Rc<crate::comm::nccl::Nccl>>,
+}
+
+// SAFETY: `comm` is the job's communicator, made in `app::run` before any
+// model and dropped after every command returned: it outlives the engine
+// that installs this (which clears it on drop) and any backward pass of a
+// step the engine ran. The sums are made on the thread that runs the step's
+// forward and backward passes (for CPU tensors the main thread; for CUDA,
+// libtorch's device thread while the main thread waits in the backward),
+// one at a time. `nccl` is cloned and dropped on the main thread only
+// (made in Engine::new, dropped with the engine: NormSync::set(None)).
+unsafe impl Send for CommSum {}
+unsafe impl Sync for CommSum {}
+
+impl StatSum for CommSum {
+    fn sum(&self, t: &mut Tensor) -> Result<(), String> {
+        if let (Some(nccl), Device::Cuda(_)) = (&self.nccl, t.device()) {
+            assert!(t.is_contiguous() && t.kind() == Kind::Double);
+            // SAFETY: a contiguous double tensor on this rank's GPU, alive
+            // until the stream reaches the sum (its owner reads it next).
+            return unsafe { nccl.sum_f64(t.data_ptr() as *mut f64, t.numel()) };
+        }
+        // SAFETY: see the type's Send/Sync note.
+        let comm = unsafe { &*self.comm };
+        comm.sum_tensor(t).map_err(|e| e.to_string())
+    }
 }
 
 impl<'a> Engine<'a> {
+    /// An engine for `model` (its parameters, a flat gradient buffer, the
+    /// optimizer). With `batchnorm` global and more than one rank, the
+    /// model's BatchNorm layers normalise over the global batch from now on
+    /// until the engine drops.
     pub fn new(
         comm: &'a Comm,
         model: &Model,
@@ -134,9 +183,10 @@ impl<'a> Engine<'a> {
         max_skips: Option<u32>,
         stop: signals::StopFlag,
         reduction: &CommSection,
+        batchnorm: BatchNormPlan,
     ) -> Result<Self> {
         let (names, params): (Vec<String>, Vec<Tensor>) = model.parameters().into_iter().unzip();
-        let buffers = model
+        let buffers: Vec<Tensor> = model
             .state()
             .into_iter()
             .filter(|(_, t)| !t.requires_grad())
@@ -165,6 +215,7 @@ impl<'a> Engine<'a> {
             device,
             reduction.gpu_plane,
         )?;
+        let global_norm = global_batchnorm(comm, model, batchnorm, &buffers, &reducer);
         Ok(Engine {
             comm,
             names,
@@ -182,6 +233,7 @@ impl<'a> Engine<'a> {
             section: "train",
             stop,
             comm_seconds: 0.0,
+            global_norm,
         })
     }
 
@@ -392,9 +444,11 @@ impl<'a> Engine<'a> {
         copy_all(&self.buffers, saved);
     }
 
-    /// Copies rank 0's BatchNorm buffers to every rank (rank 0 is the authority).
+    /// Copies rank 0's BatchNorm buffers to every rank (rank 0 is the
+    /// authority) under local BatchNorm; global BatchNorm's running
+    /// statistics are the same on every rank by construction.
     pub fn sync_buffers(&mut self) -> Result<()> {
-        if self.comm.size() == 1 || self.buffers.is_empty() {
+        if self.comm.size() == 1 || self.buffers.is_empty() || self.global_norm.is_some() {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
@@ -430,6 +484,37 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// Installs global BatchNorm on `model` when asked, on more than one rank,
+/// for a model with BatchNorm (`buffers`: its running statistics); says so
+/// when the setting has no effect.
+fn global_batchnorm(
+    comm: &Comm,
+    model: &Model,
+    batchnorm: BatchNormPlan,
+    buffers: &[Tensor],
+    reducer: &Reducer,
+) -> Option<NormSync> {
+    if buffers.is_empty() {
+        if batchnorm.explicit && comm.is_root() {
+            tracing::info!(
+                batchnorm = batchnorm.mode.as_str(),
+                arch = %model.arch.name(),
+                "model.batchnorm has no effect: the model has no BatchNorm"
+            );
+        }
+        return None;
+    }
+    if batchnorm.mode != BatchNormMode::Global || comm.size() == 1 {
+        return None;
+    }
+    let norm = model.norm_sync().clone();
+    norm.set(Some(Box::new(CommSum {
+        comm: comm as *const Comm,
+        nccl: reducer.nccl(),
+    })));
+    Some(norm)
+}
+
 /// `grads[i]` when the backward pass reached parameter `i`.
 fn defined_grad(grads: &[Tensor], i: usize) -> Option<&Tensor> {
     grads.get(i).filter(|g| g.defined())
@@ -447,7 +532,7 @@ fn copy_all(dst: &[Tensor], src: &[Tensor]) {
 /// Forward `batch` in train or eval mode, then back-propagate the *sum* of
 /// the cross-entropy over its rows into `engine`; returns this rank's
 /// statistics. An empty share contributes nothing (and must still join the
-/// reduction).
+/// reduction, and under global BatchNorm in train mode the layers' sums).
 pub fn backward_ce_sum(
     engine: &mut Engine,
     model: &Model,
@@ -455,7 +540,7 @@ pub fn backward_ce_sum(
     device: Device,
     train: bool,
 ) -> Local {
-    if batch.is_empty() {
+    if batch.is_empty() && !(train && model.norm_sync().is_global()) {
         return Local::default();
     }
     let x = batch.images.to_device(device);

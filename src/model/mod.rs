@@ -6,6 +6,7 @@
 //! `num_batches_tracked`. Single-process code: reductions happen elsewhere.
 
 pub mod layout;
+pub mod norm;
 pub mod weights;
 pub mod zoo;
 
@@ -27,6 +28,8 @@ pub struct Model {
     pub in_channels: i64,
     pub classes: i64,
     compute: Compute,
+    /// How the BatchNorm layers normalise in train mode ([`norm`]).
+    norm: norm::NormSync,
     /// The robustness probe's relative logit noise ([`Model::set_logit_noise`]).
     noise: Option<LogitNoise>,
 }
@@ -50,7 +53,8 @@ impl Model {
     /// generator: seed it with `tch::manual_seed` first for a reproducible one).
     pub fn new(arch: Arch, in_channels: i64, classes: i64, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
-        let net = arch.build(&vs.root(), in_channels, classes);
+        let norm = norm::NormSync::default();
+        let net = arch.build(&vs.root(), in_channels, classes, &norm);
         Model {
             arch,
             vs,
@@ -58,6 +62,7 @@ impl Model {
             in_channels,
             classes,
             compute: Compute::default(),
+            norm,
             noise: None,
         }
     }
@@ -83,6 +88,12 @@ impl Model {
 
     pub fn compute(&self) -> Compute {
         self.compute
+    }
+
+    /// Where the BatchNorm layers find the cross-rank sum of global
+    /// statistics (the engine sets it; see [`norm`]).
+    pub fn norm_sync(&self) -> &norm::NormSync {
+        &self.norm
     }
 
     /// Makes every later forward pass multiply each logit by `1 + u`, `u`

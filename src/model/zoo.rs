@@ -13,6 +13,8 @@
 use tch::Tensor;
 use tch::nn::{self, ModuleT};
 
+use super::norm::{BatchNorm, NormSync, batch_norm2d};
+
 /// Architectures of the zoo.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Arch {
@@ -43,6 +45,11 @@ impl Arch {
         "resnet50",
     ];
 
+    /// Whether the network has BatchNorm layers.
+    pub fn has_batch_norm(&self) -> bool {
+        !matches!(self, Arch::MnistCnn { batch_norm: false })
+    }
+
     pub fn name(&self) -> String {
         match self {
             Arch::MnistCnn { batch_norm: false } => "mnist_cnn".into(),
@@ -53,42 +60,47 @@ impl Arch {
         }
     }
 
-    /// Builds the network's variables under `root` and returns its forward pass.
-    pub fn build(&self, root: &nn::Path, in_channels: i64, classes: i64) -> Box<dyn ModuleT> {
+    /// Builds the network's variables under `root` and returns its forward
+    /// pass; its BatchNorm layers normalise as `norm` says.
+    pub fn build(
+        &self,
+        root: &nn::Path,
+        in_channels: i64,
+        classes: i64,
+        norm: &NormSync,
+    ) -> Box<dyn ModuleT> {
         match *self {
             Arch::MnistCnn { batch_norm } => {
-                Box::new(MnistCnn::new(root, in_channels, classes, batch_norm))
+                Box::new(MnistCnn::new(root, in_channels, classes, batch_norm, norm))
             }
             Arch::Resnet18Cifar { width } => {
                 let base = (64.0 * width).round().max(1.0) as i64;
-                Box::new(ResNet::new(
-                    root,
-                    in_channels,
-                    classes,
+                let shape = Shape {
                     base,
-                    Block::Basic,
-                    [2, 2, 2, 2],
-                    Stem::Cifar,
-                ))
+                    block: Block::Basic,
+                    depths: [2, 2, 2, 2],
+                    stem: Stem::Cifar,
+                };
+                Box::new(ResNet::new(root, in_channels, classes, shape, norm))
             }
-            Arch::Resnet18 => Box::new(ResNet::new(
-                root,
-                in_channels,
-                classes,
-                64,
-                Block::Basic,
-                [2, 2, 2, 2],
-                Stem::ImageNet,
-            )),
-            Arch::Resnet50 => Box::new(ResNet::new(
-                root,
-                in_channels,
-                classes,
-                64,
-                Block::Bottleneck,
-                [3, 4, 6, 3],
-                Stem::ImageNet,
-            )),
+            Arch::Resnet18 => {
+                let shape = Shape {
+                    base: 64,
+                    block: Block::Basic,
+                    depths: [2, 2, 2, 2],
+                    stem: Stem::ImageNet,
+                };
+                Box::new(ResNet::new(root, in_channels, classes, shape, norm))
+            }
+            Arch::Resnet50 => {
+                let shape = Shape {
+                    base: 64,
+                    block: Block::Bottleneck,
+                    depths: [3, 4, 6, 3],
+                    stem: Stem::ImageNet,
+                };
+                Box::new(ResNet::new(root, in_channels, classes, shape, norm))
+            }
         }
     }
 }
@@ -111,34 +123,30 @@ fn conv(
     nn::conv2d(p, cin, cout, k, config)
 }
 
-fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
-    nn::batch_norm2d(p, c, Default::default())
-}
-
 #[derive(Debug)]
 struct MnistCnn {
     conv1: nn::Conv2D,
-    bn1: Option<nn::BatchNorm>,
+    bn1: Option<BatchNorm>,
     conv2: nn::Conv2D,
-    bn2: Option<nn::BatchNorm>,
+    bn2: Option<BatchNorm>,
     fc1: nn::Linear,
     fc2: nn::Linear,
 }
 
 impl MnistCnn {
-    fn new(p: &nn::Path, cin: i64, classes: i64, batch_norm: bool) -> Self {
+    fn new(p: &nn::Path, cin: i64, classes: i64, batch_norm: bool, norm: &NormSync) -> Self {
         MnistCnn {
             conv1: conv(p / "conv1", cin, 32, 3, 1, 0, true),
-            bn1: batch_norm.then(|| bn(p / "bn1", 32)),
+            bn1: batch_norm.then(|| batch_norm2d(p / "bn1", 32, norm)),
             conv2: conv(p / "conv2", 32, 64, 3, 1, 0, true),
-            bn2: batch_norm.then(|| bn(p / "bn2", 64)),
+            bn2: batch_norm.then(|| batch_norm2d(p / "bn2", 64, norm)),
             fc1: nn::linear(p / "fc1", 9216, 128, Default::default()),
             fc2: nn::linear(p / "fc2", 128, classes, Default::default()),
         }
     }
 }
 
-fn maybe_bn(x: Tensor, bn: &Option<nn::BatchNorm>, train: bool) -> Tensor {
+fn maybe_bn(x: Tensor, bn: &Option<BatchNorm>, train: bool) -> Tensor {
     match bn {
         Some(bn) => x.apply_t(bn, train),
         None => x,
@@ -180,13 +188,14 @@ enum Stem {
 
 #[derive(Debug)]
 struct Residual {
-    convs: Vec<(nn::Conv2D, nn::BatchNorm)>,
-    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    convs: Vec<(nn::Conv2D, BatchNorm)>,
+    downsample: Option<(nn::Conv2D, BatchNorm)>,
 }
 
 impl Residual {
-    fn new(p: &nn::Path, block: Block, cin: i64, width: i64, stride: i64) -> Self {
+    fn new(p: &nn::Path, block: Block, cin: i64, width: i64, stride: i64, norm: &NormSync) -> Self {
         let cout = width * block.expansion();
+        let bn = |p: nn::Path, c: i64| batch_norm2d(p, c, norm);
         let convs = match block {
             Block::Basic => vec![
                 (
@@ -248,21 +257,27 @@ impl Residual {
 struct ResNet {
     stem: Stem,
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: BatchNorm,
     layers: Vec<Residual>,
     fc: nn::Linear,
 }
 
+/// A ResNet's layout: base width, block, blocks per stage and stem.
+struct Shape {
+    base: i64,
+    block: Block,
+    depths: [usize; 4],
+    stem: Stem,
+}
+
 impl ResNet {
-    fn new(
-        p: &nn::Path,
-        cin: i64,
-        classes: i64,
-        base: i64,
-        block: Block,
-        depths: [usize; 4],
-        stem: Stem,
-    ) -> Self {
+    fn new(p: &nn::Path, cin: i64, classes: i64, shape: Shape, norm: &NormSync) -> Self {
+        let Shape {
+            base,
+            block,
+            depths,
+            stem,
+        } = shape;
         let conv1 = match stem {
             Stem::Cifar => conv(p / "conv1", cin, base, 3, 1, 1, false),
             Stem::ImageNet => conv(p / "conv1", cin, base, 7, 2, 3, false),
@@ -274,14 +289,14 @@ impl ResNet {
             for i in 0..depth {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
                 let path = p / format!("layer{}", stage + 1) / i;
-                layers.push(Residual::new(&path, block, channels, width, stride));
+                layers.push(Residual::new(&path, block, channels, width, stride, norm));
                 channels = width * block.expansion();
             }
         }
         ResNet {
             stem,
             conv1,
-            bn1: bn(p / "bn1", base),
+            bn1: batch_norm2d(p / "bn1", base, norm),
             layers,
             fc: nn::linear(p / "fc", channels, classes, Default::default()),
         }

@@ -218,7 +218,8 @@ impl Session<'_> {
         let batch = self.next(which, t)?;
         self.engine.zero_grad();
         let mut local = Local::default();
-        if !batch.is_empty() {
+        // Under global BatchNorm an empty share still joins the layers' sums.
+        if !batch.is_empty() || (train && self.model.norm_sync().is_global()) {
             let rows = Rows {
                 x: batch.images.to_device(self.device),
                 labels: batch.labels.to_device(self.device),
@@ -318,6 +319,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &s
         "split": inputs.split_hash(),
     });
     crate::model::layout::add_precision(&mut recipe, plan.precision);
+    crate::model::norm::add_to_recipe(&mut recipe, plan.model.arch, plan.model.batchnorm.mode);
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
 }
 
@@ -471,7 +473,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     let split = inputs.split_hash();
     let optimizer = Optimizer::new(u.optimizer.clone(), model.parameters().len());
     let stop = StopFlag::install().context("installing the SIGTERM/SIGUSR1 handlers")?;
-    let mut engine = Engine::new(comm, &model, optimizer, u.max_skips, stop, &plan.comm)?;
+    let mut engine = Engine::new(
+        comm,
+        &model,
+        optimizer,
+        u.max_skips,
+        stop,
+        &plan.comm,
+        plan.model.batchnorm,
+    )?;
     engine.section = "unlearn";
 
     let mut s = Session {

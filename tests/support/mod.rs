@@ -140,11 +140,33 @@ pub fn test_seed(what: &str) -> u64 {
 /// names start with `prefix` (all of them for ""), in two weight files.
 #[allow(dead_code)]
 pub fn relative_l2_difference(a: &std::path::Path, b: &std::path::Path, prefix: &str) -> f64 {
+    relative_l2_where(a, b, |n| n.starts_with(prefix))
+}
+
+/// `‖a − b‖₂ / ‖b‖₂` over the tensors whose names `keep` accepts (0 when
+/// none does).
+#[allow(dead_code)]
+pub fn relative_l2_where(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    keep: impl Fn(&str) -> bool,
+) -> f64 {
+    let (num, den) = squared_sums(a, b, keep);
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// `Σ (a − b)²` and `Σ b²` over the tensors whose names `keep` accepts.
+#[allow(dead_code)]
+fn squared_sums(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    keep: impl Fn(&str) -> bool,
+) -> (f64, f64) {
     let (ta, tb) = (tensors(a), tensors(b));
     let (mut num, mut den) = (0f64, 0f64);
     for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
         assert_eq!(na, nb, "different tensors");
-        if !na.starts_with(prefix) {
+        if !keep(na) {
             continue;
         }
         for (p, q) in x.iter().zip(y) {
@@ -152,23 +174,23 @@ pub fn relative_l2_difference(a: &std::path::Path, b: &std::path::Path, prefix: 
             den += (*q as f64).powi(2);
         }
     }
-    (num / den.max(1e-300)).sqrt()
+    (num, den)
 }
 
 /// `‖a − b‖₂` over every tensor of two weight files with the same names.
 #[allow(dead_code)]
 pub fn l2_difference(a: &std::path::Path, b: &std::path::Path) -> f64 {
-    let (ta, tb) = (tensors(a), tensors(b));
-    let mut sum = 0f64;
-    for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
-        assert_eq!(na, nb, "different tensors");
-        sum += x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
-            .sum::<f64>();
-    }
-    sum.sqrt()
+    l2_difference_where(a, b, |_| true)
+}
+
+/// `‖a − b‖₂` over the tensors whose names `keep` accepts.
+#[allow(dead_code)]
+pub fn l2_difference_where(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    keep: impl Fn(&str) -> bool,
+) -> f64 {
+    squared_sums(a, b, keep).0.sqrt()
 }
 
 /// The tensor of two weight files with the largest `‖a − b‖₂ / ‖b‖₂`, and that value.
