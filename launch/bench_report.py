@@ -30,7 +30,8 @@ def main():
         runs = by.get(label, [])
         return min(runs, key=lambda r: r[key]) if runs else None
 
-    s11, p11, s21, s12, d21 = (best(k) for k in ("sfron_1x1", "pytorch_1x1", "sfron_2x1", "sfron_1x2", "ddp_2x1"))
+    s11, p11, s21, s12, d21, l21 = (best(k) for k in (
+        "sfron_1x1", "pytorch_1x1", "sfron_2x1", "sfron_1x2", "ddp_2x1", "sfron_2x1_local_bn"))
     bare = min(by["sfron_1x1"], key=lambda r: r["ratio_to_bare"])
     ms = lambda r: r["sfron_iteration_ms"]
     vs_bare = bare["ratio_to_bare"]
@@ -47,6 +48,12 @@ def main():
         f"| scaling 2×1 vs 1×1, PyTorch DDP gloo | {eff_ddp:.3f} ({ms(p11):.0f} → {ms(d21):.0f} ms) | (reference) | |",
         f"| 1 rank × 2 threads / 2 ranks × 1 thread, same global batch | {ranks_vs_threads:.3f} ({ms(s12):.0f} / {ms(s21):.0f} ms) | (> 1: ranks win) | |",
     ]
+    if l21 and s21.get("batchnorm_sums_per_iteration"):
+        bn = ms(s21) / ms(l21)
+        lines.append(
+            f"| global / local BatchNorm, 2×1 ({s21['batchnorm_sums_per_iteration']:.0f} sums of "
+            f"{s21['batchnorm_bytes_per_iteration'] / 1e3:.0f} kB in all added per iteration) | "
+            f"{bn:.3f} ({ms(s21):.0f} / {ms(l21):.0f} ms) | ≤ 1.10 | {verdict(bn <= 1.10)} |")
     model = next(r for r in rows if r.get("bench") == "ring_model")
     red = [r for r in rows if r.get("bench") == "reduce"]
     table = [

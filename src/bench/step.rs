@@ -72,6 +72,11 @@ pub struct StepReport {
     /// Images through forward and backward per second, all ranks.
     pub images_per_second: f64,
     pub bare_images_per_second: Option<f64>,
+    /// `model.batchnorm`, and with global BatchNorm on more than one rank
+    /// the sums it adds per iteration: count and bytes (per rank).
+    pub batchnorm: &'static str,
+    pub batchnorm_sums_per_iteration: Option<f64>,
+    pub batchnorm_bytes_per_iteration: Option<f64>,
 }
 
 /// Waits for the device's queued work (timing GPU kernels).
@@ -211,6 +216,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut comm_s = Vec::new();
+    let sums_before = engine.batchnorm_sums();
     for _ in 0..o.iterations {
         comm.barrier();
         let c0 = engine.comm_seconds;
@@ -225,6 +231,14 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
             theirs.push(t0.elapsed().as_secs_f64());
         }
     }
+    let per_iteration = |(calls, bytes): (u64, u64), (c0, b0): (u64, u64)| {
+        let n = o.iterations.max(1) as f64;
+        ((calls - c0) as f64 / n, (bytes - b0) as f64 / n)
+    };
+    let sums = engine
+        .batchnorm_sums()
+        .zip(sums_before)
+        .map(|(after, before)| per_iteration(after, before));
     // The slowest rank's figures: the job's pace.
     let (ours_s, ours_median) = fastest_and_median(&mut ours);
     let (comm_s, _) = fastest_and_median(&mut comm_s);
@@ -256,5 +270,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
         ratio_to_bare: bare.is_some().then_some(ours_s / bare_s),
         images_per_second: images / ours_s,
         bare_images_per_second: bare.is_some().then_some(images / bare_s),
+        batchnorm: plan.model.batchnorm.mode.as_str(),
+        batchnorm_sums_per_iteration: sums.map(|s| s.0),
+        batchnorm_bytes_per_iteration: sums.map(|s| s.1),
     })
 }

@@ -126,13 +126,21 @@ pub struct Engine<'a> {
     /// broadcasting the BatchNorm buffers (the distribution scheme's cost),
     /// since the engine was made.
     pub comm_seconds: f64,
-    /// The model's BatchNorm sync while it is global (cleared on drop).
-    global_norm: Option<NormSync>,
+    /// The model's BatchNorm sync while it is global (cleared on drop), and
+    /// the count and bytes of its sums so far.
+    global_norm: Option<(NormSync, std::sync::Arc<SumCounts>)>,
+}
+
+/// Global BatchNorm's sums so far: calls and bytes.
+#[derive(Default)]
+pub struct SumCounts {
+    pub calls: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Engine<'_> {
     fn drop(&mut self) {
-        if let Some(norm) = &self.global_norm {
+        if let Some((norm, _)) = &self.global_norm {
             norm.set(None);
         }
     }
@@ -144,6 +152,7 @@ impl Drop for Engine<'_> {
 struct CommSum {
     comm: *const Comm,
     nccl: Option<std::rc::Rc<crate::comm::nccl::Nccl>>,
+    counts: std::sync::Arc<SumCounts>,
 }
 
 // SAFETY: `comm` is the job's communicator, made in `app::run` before any
@@ -159,6 +168,10 @@ unsafe impl Sync for CommSum {}
 
 impl StatSum for CommSum {
     fn sum(&self, t: &mut Tensor) -> Result<(), String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counts.calls.fetch_add(1, Relaxed);
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        self.counts.bytes.fetch_add(bytes as u64, Relaxed);
         if let (Some(nccl), Device::Cuda(_)) = (&self.nccl, t.device()) {
             assert!(t.is_contiguous() && t.kind() == Kind::Double);
             // SAFETY: a contiguous double tensor on this rank's GPU, alive
@@ -235,6 +248,15 @@ impl<'a> Engine<'a> {
             comm_seconds: 0.0,
             global_norm,
         })
+    }
+
+    /// Global BatchNorm's sums so far (calls, bytes); `None`: BatchNorm is
+    /// not global here.
+    pub fn batchnorm_sums(&self) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.global_norm
+            .as_ref()
+            .map(|(_, c)| (c.calls.load(Relaxed), c.bytes.load(Relaxed)))
     }
 
     /// The data plane of the gradient sums, for logs.
@@ -493,7 +515,7 @@ fn global_batchnorm(
     batchnorm: BatchNormPlan,
     buffers: &[Tensor],
     reducer: &Reducer,
-) -> Option<NormSync> {
+) -> Option<(NormSync, std::sync::Arc<SumCounts>)> {
     if buffers.is_empty() {
         if batchnorm.explicit && comm.is_root() {
             tracing::info!(
@@ -508,11 +530,13 @@ fn global_batchnorm(
         return None;
     }
     let norm = model.norm_sync().clone();
+    let counts = std::sync::Arc::new(SumCounts::default());
     norm.set(Some(Box::new(CommSum {
         comm: comm as *const Comm,
         nccl: reducer.nccl(),
+        counts: counts.clone(),
     })));
-    Some(norm)
+    Some((norm, counts))
 }
 
 /// `grads[i]` when the backward pass reached parameter `i`.
