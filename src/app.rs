@@ -59,7 +59,7 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
     tracing::info!(ranks = comm.size(), backend = comm.backend(), device = %device::describe(device), "started");
     // Every command that writes the run folder holds it for the whole job.
     let _lock = match &cli.command {
-        Command::Bench(_) => None,
+        Command::Bench(_) | Command::Convert(_) => None,
         other => Some(RunLock::acquire(
             comm,
             &plan.run_dir,
@@ -95,6 +95,25 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
                 let summary = split::run(&plan, &args.scenario, &out)?;
                 print!("{summary}");
                 save_run_files(&plan, &[])?;
+            }
+            comm.barrier();
+        }
+        Command::Convert(args) => {
+            if comm.is_root() {
+                let model = crate::model::convert::released(&args.checkpoint, plan.model.arch)?;
+                let mut meta = std::collections::BTreeMap::new();
+                meta.insert(
+                    "sfron.converted_from".into(),
+                    args.checkpoint.display().to_string(),
+                );
+                model.save(&args.out, meta)?;
+                println!(
+                    "{}: {} with {} classes, converted from the released {}",
+                    args.out.display(),
+                    model.arch.name(),
+                    model.classes,
+                    args.checkpoint.display()
+                );
             }
             comm.barrier();
         }

@@ -73,6 +73,7 @@ impl Command {
             Command::Unlearn(_) => "unlearn",
             Command::Eval(_) => "eval",
             Command::Study(_) => "study",
+            Command::Convert(_) => "convert",
             Command::Bench(_) => "bench",
         }
     }
@@ -82,6 +83,7 @@ impl Command {
         match self {
             Command::Doctor(a) => a.more.sets.clone(),
             Command::Split(a) => a.more.sets.clone(),
+            Command::Convert(a) => a.more.sets.clone(),
             Command::Train(a) => {
                 let mut sets = a.more.sets.clone();
                 sets.extend(a.shorthand_sets());
@@ -153,6 +155,12 @@ pub enum Command {
     /// method of `study.methods` per seed of `study.seeds`, evaluations and
     /// the report. Stages whose outputs exist and match are reused.
     Study(StudyArgs),
+    /// Convert a checkpoint of the SFR-on authors' released code
+    /// (torch.save of their CIFAR ResNet-18's state_dict, or a dict holding
+    /// it under "state_dict") to sfron's safetensors: `shortcut` becomes
+    /// `downsample`, `linear` becomes `fc`. The model is `model.arch`
+    /// (resnet18_cifar); nothing is written unless every tensor fits.
+    Convert(ConvertArgs),
     /// Measure a part of sfron (rates, printed as JSON lines).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -362,6 +370,18 @@ pub struct SplitArgs {
     /// Where to write the manifest [default: <run folder>/split.json].
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// The released checkpoint (e.g. ResNet18-CIFAR10.pth).
+    #[arg(value_name = "CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// Where to write the safetensors weights.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -208,3 +208,83 @@ fn damaged_or_foreign_weights_are_refused_by_name() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sfron convert`: a released checkpoint (the SFR-on authors' CIFAR
+/// ResNet-18 names, as `torch.save(state_dict)` and as a `.pth.tar` dict
+/// with a `module.` prefix) becomes sfron weights that give PyTorch's eval
+/// logits (error_model::forward); a file that is no checkpoint, or the
+/// checkpoint of another network, exits 2 naming the problem and writes
+/// nothing.
+#[test]
+fn released_checkpoints_convert_to_the_same_logits() {
+    let dir = temp_dir("released");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/released.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (x, y) = io(&dir, "released.io.safetensors");
+    let convert = |input: &str, output: &str| {
+        support::sfron(
+            &["model.arch=resnet18_cifar".into()],
+            &[
+                "convert",
+                dir.join(input).to_str().unwrap(),
+                "--out",
+                dir.join(output).to_str().unwrap(),
+            ],
+        )
+    };
+    for (input, output) in [
+        ("released.pth", "a.safetensors"),
+        ("released.pth.tar", "b.safetensors"),
+    ] {
+        let o = convert(input, output);
+        assert_eq!(o.status.code(), Some(0), "{}", support::text(&o));
+        let mut m = model("resnet18_cifar");
+        m.load(&dir.join(output)).unwrap();
+        let ours = tch::no_grad(|| m.forward_t(&x, false));
+        let diff = (&ours - &y).abs().max().double_value(&[]);
+        let allowed = forward_tolerance("resnet18_cifar") * y.abs().max().double_value(&[]);
+        assert!(
+            diff <= allowed,
+            "{input}: max |logit difference| {diff:e} (allowed {allowed:e})"
+        );
+    }
+
+    std::fs::write(dir.join("noise.pth"), b"not a checkpoint at all").unwrap();
+    let o = convert("noise.pth", "c.safetensors");
+    assert_eq!(o.status.code(), Some(2), "{}", support::text(&o));
+    assert!(
+        support::text(&o).contains("not a PyTorch checkpoint"),
+        "{}",
+        support::text(&o)
+    );
+    // The digits' net is no CIFAR ResNet-18.
+    let mnist = dir.join("mnist.pth");
+    let o = Command::new(python())
+        .args([
+            "-c",
+            "import sys, torch; torch.save({'conv1.weight': torch.zeros(32, 1, 3, 3), \
+             'fc2.weight': torch.zeros(10, 128)}, sys.argv[1])",
+            mnist.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = convert("mnist.pth", "d.safetensors");
+    assert_eq!(o.status.code(), Some(2), "{}", support::text(&o));
+    assert!(
+        support::text(&o).contains("no fc.weight"),
+        "{}",
+        support::text(&o)
+    );
+    assert!(!dir.join("c.safetensors").exists() && !dir.join("d.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

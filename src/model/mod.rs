@@ -5,8 +5,10 @@
 //! state is exactly what `torch.save(model.state_dict())` would hold, minus
 //! `num_batches_tracked`. Single-process code: reductions happen elsewhere.
 
+pub mod convert;
 pub mod layout;
 pub mod norm;
+mod torch_pickle;
 pub mod weights;
 pub mod zoo;
 

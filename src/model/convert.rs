@@ -1,0 +1,103 @@
+//! `sfron convert`: the SFR-on authors' released checkpoints to sfron's
+//! safetensors.
+//!
+//! The released classification code saves `torch.save(model.state_dict())`
+//! of its own CIFAR ResNets (`Classification/models/resnet.py`), whose
+//! names differ from torchvision's (and sfron's) in two places: a block's
+//! projection is `shortcut.0` / `shortcut.1` where torchvision has
+//! `downsample.0` / `downsample.1`, and the classifier is `linear` where
+//! torchvision has `fc`. Other codebases of the lineage save a dict with the
+//! state_dict under `state_dict` (`.pth.tar`), often with a `module.` prefix
+//! from `DataParallel`. The file is read by [`super::torch_pickle`]: no
+//! Python, and only tensors are taken.
+
+use std::path::Path;
+
+use tch::Tensor;
+
+use super::{Arch, Model, WeightsError, torch_pickle};
+
+/// The tensors of a checkpoint written by Python's `torch.save` (a
+/// state_dict, or a dict with one under `state_dict` or `model`).
+pub fn read_torch(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
+    let file_err = |reason: String| WeightsError::File {
+        path: path.into(),
+        reason,
+    };
+    if !path.is_file() {
+        return Err(file_err("no such file".into()));
+    }
+    let tensors = torch_pickle::read(path).map_err(|why| {
+        file_err(format!(
+            "not a PyTorch checkpoint ({why}); expected the file of \
+             torch.save(model.state_dict()), or of a dict holding it under \"state_dict\""
+        ))
+    })?;
+    if tensors.is_empty() {
+        return Err(file_err(
+            "a PyTorch file without tensors: expected a state_dict".into(),
+        ));
+    }
+    Ok(tensors)
+}
+
+/// sfron's (torchvision's) name of a tensor of the released ResNets: without
+/// a `module.` prefix, `shortcut` → `downsample`, `linear` → `fc`.
+pub fn released_name(name: &str) -> String {
+    let name = name.strip_prefix("module.").unwrap_or(name);
+    let name = name.replace(".shortcut.", ".downsample.");
+    match name.strip_prefix("linear.") {
+        Some(rest) => format!("fc.{rest}"),
+        None => name,
+    }
+}
+
+/// Reads a released checkpoint of `arch` and returns the model it holds
+/// (input channels and classes read from its first conv and classifier).
+/// Every sfron tensor must be in it and nothing else (but
+/// `num_batches_tracked`), with the right shapes.
+pub fn released(path: &Path, arch: Arch) -> Result<Model, WeightsError> {
+    let tensors: Vec<(String, Tensor)> = read_torch(path)?
+        .into_iter()
+        .map(|(n, t)| (released_name(&n), t))
+        .collect();
+    let find = |name: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.size())
+            .ok_or_else(|| WeightsError::Mismatch {
+                path: path.into(),
+                reason: format!("no {name} (after renaming): not a released {}", arch.name()),
+            })
+    };
+    let (conv1, fc) = (find("conv1.weight")?, find("fc.weight")?);
+    let model = Model::new(arch, conv1[1], fc[0], tch::Device::Cpu);
+    super::weights::copy_into(&model.vs, &tensors, path)?;
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_names_become_torchvision_names() {
+        for (theirs, ours) in [
+            ("conv1.weight", "conv1.weight"),
+            (
+                "module.layer2.0.shortcut.0.weight",
+                "layer2.0.downsample.0.weight",
+            ),
+            (
+                "layer3.0.shortcut.1.running_var",
+                "layer3.0.downsample.1.running_var",
+            ),
+            ("linear.weight", "fc.weight"),
+            ("module.linear.bias", "fc.bias"),
+            ("layer1.1.bn2.bias", "layer1.1.bn2.bias"),
+        ] {
+            assert_eq!(released_name(theirs), ours);
+        }
+    }
+}
