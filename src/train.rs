@@ -19,6 +19,7 @@ use tch::{Device, Tensor};
 use crate::cli::FaultArgs;
 use crate::comm::Comm;
 use crate::config::RunPlan;
+use crate::config::raw::Select;
 use crate::data::{BatchStream, Cursor, Sampler, Stream};
 use crate::engine::checkpoint::{self, Checkpointer, Restored};
 use crate::engine::progress::Progress;
@@ -464,8 +465,11 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         }
         let epoch_end = step.is_multiple_of(per_epoch);
         let epoch = step.div_ceil(per_epoch);
+        // Choosing an epoch (train.select) needs every epoch's score.
         let eval_now = step == end
-            || (epoch_end && t.eval_every > 0 && epoch.is_multiple_of(t.eval_every as u64));
+            || (epoch_end
+                && (t.select != Select::Last
+                    || (t.eval_every > 0 && epoch.is_multiple_of(t.eval_every as u64))));
         if eval_now {
             let test = eval::score(
                 comm,
@@ -480,18 +484,25 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
                 "test_acc": test.accuracy(), "test_loss": test.mean_loss(),
             });
             let mut line = format!("epoch {epoch}: test accuracy {:.2}%", test.accuracy());
+            // The score that chooses the kept epoch (train.select).
+            let mut chooser = (t.select == Select::Test).then(|| test.accuracy());
             if !val.is_empty() {
                 let v = eval::score(comm, &model, &mut val_loader, &val, t.batch, device)?;
                 rec["val_acc"] = json!(v.accuracy());
                 line.push_str(&format!(", validation {:.2}%", v.accuracy()));
-                if state.best.is_none_or(|(acc, _)| v.accuracy() > acc) {
-                    state.best = Some((v.accuracy(), step));
-                    if comm.is_root() {
-                        model.save(
-                            &plan.run_dir.join("best.safetensors"),
-                            final_meta(&state, &model, step),
-                        )?;
-                    }
+                if t.select == Select::Val {
+                    chooser = Some(v.accuracy());
+                }
+            }
+            if let Some(acc) = chooser
+                && state.best.is_none_or(|(best, _)| acc > best)
+            {
+                state.best = Some((acc, step));
+                if comm.is_root() {
+                    model.save(
+                        &plan.run_dir.join("best.safetensors"),
+                        selected_meta(&state, &model, step, t.select),
+                    )?;
                 }
             }
             progress.say(&line);
@@ -534,22 +545,35 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     }
     if comm.is_root() {
         let out = plan.run_dir.join(MODEL_FILE);
-        match state.best {
-            Some((acc, at)) if !val.is_empty() => {
+        let selected = match (t.select, state.best) {
+            (Select::Val | Select::Test, Some((acc, at))) => {
                 std::fs::copy(plan.run_dir.join("best.safetensors"), &out)
                     .with_context(|| format!("writing {}", out.display()))?;
-                tracing::info!(
-                    validation_acc = acc,
-                    step = at,
-                    "selected the best validation epoch"
-                );
+                if t.select == Select::Test {
+                    tracing::warn!(
+                        test_acc = acc,
+                        step = at,
+                        "kept the epoch of the best TEST accuracy (train.select = \"test\", \
+                         as the released code does): its test accuracy is biased upward"
+                    );
+                } else {
+                    tracing::info!(
+                        validation_acc = acc,
+                        step = at,
+                        "kept the best validation epoch"
+                    );
+                }
+                json!({"by": t.select.as_str(), "step": at, "accuracy": acc})
             }
-            _ => model.save(&out, final_meta(&state, &model, step))?,
-        }
+            _ => {
+                model.save(&out, selected_meta(&state, &model, step, Select::Last))?;
+                json!({"by": "last", "step": step})
+            }
+        };
         let summary = json!({
             "command": command, "steps": end, "ranks": comm.size(),
             "seconds": base_seconds + started.elapsed().as_secs_f64(),
-            "split": split,
+            "split": split, "selected": selected,
         });
         let path = plan.run_dir.join("train.json");
         crate::fsx::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())
@@ -578,6 +602,22 @@ pub fn open_run_dir(comm: &Comm, plan: &RunPlan, inputs: &Inputs) -> Result<Opti
         plan.checkpoint.milestones.clone(),
     )?))
 }
+
+/// [`final_meta`] and how the epoch was chosen (`sfron.selected_by`: last,
+/// val or test; a study's report names a model that the test set chose).
+fn selected_meta(
+    state: &RunState,
+    model: &Model,
+    step: u64,
+    select: Select,
+) -> BTreeMap<String, String> {
+    let mut m = final_meta(state, model, step);
+    m.insert(SELECTED_BY.into(), select.as_str().into());
+    m
+}
+
+/// Metadata key of how `train` chose the kept epoch.
+pub const SELECTED_BY: &str = "sfron.selected_by";
 
 pub fn final_meta(state: &RunState, model: &Model, step: u64) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();

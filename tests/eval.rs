@@ -205,6 +205,9 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>, std::time::SystemTime)> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == sfron::rundir::LOCK_FILE) {
+                // The run-folder lock names its latest holder: not an output.
+                continue;
             } else {
                 let rel = p.strip_prefix(dir).unwrap().display().to_string();
                 let mtime = p.metadata().unwrap().modified().unwrap();
@@ -288,4 +291,58 @@ fn study_twice_reuses_every_stage_and_reports_the_same() {
     let third = ok(&sfron(&sets, &["study"]), "the study with a new FT rate");
     assert_eq!(third.matches("reused").count(), stages - 2 * 2, "{third}");
     assert!(third.contains("unlearn:ft: in "), "{third}");
+}
+
+/// `train.select = "test"` keeps the epoch of the best test accuracy (the
+/// released practice): train.json and the weights' metadata say so, and a
+/// study that starts from such an original says so in its report;
+/// `"val"` without held-out samples is refused.
+#[test]
+fn a_model_chosen_by_the_test_set_is_reported_as_such() {
+    let root = temp_dir("select");
+    let mut sets = base(&root, "picked");
+    sets.extend([
+        "data.train_limit=600".into(),
+        "data.test_limit=200".into(),
+        "train.batch=64".into(),
+        "train.epochs=3".into(),
+        "train.select=test".into(),
+    ]);
+    ok(&sfron(&sets, &["train"]), "train with select = test");
+    let dir = root.join("picked");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+    assert_eq!(summary["selected"]["by"], "test", "{summary}");
+    let (_, meta) = sfron::model::weights::load(&dir.join("model.safetensors")).unwrap();
+    assert_eq!(meta["sfron.selected_by"], "test");
+    assert!(dir.join("best.safetensors").exists());
+
+    let mut study = base(&root, "study");
+    study.extend([
+        "data.train_limit=600".into(),
+        "data.test_limit=200".into(),
+        "train.batch=64".into(),
+        "train.epochs=1".into(),
+        "study.scenario=random:0.1".into(),
+        "study.seeds=[0]".into(),
+        r#"study.methods=["ft"]"#.into(),
+        "ft.epochs=1".into(),
+        format!("study.original={}", dir.join("model.safetensors").display()),
+    ]);
+    ok(&sfron(&study, &["study"]), "the study");
+    let md = std::fs::read_to_string(root.join("study/report.md")).unwrap();
+    assert!(
+        md.contains("the original") && md.contains("kept the epoch of its best test accuracy"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("Retrain (seed 0) ("),
+        "Retrain kept its last epoch:\n{md}"
+    );
+
+    let mut val = base(&root, "val");
+    val.push("train.select=val".into());
+    let o = sfron(&val, &["train"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("train.select"), "{}", text(&o));
 }

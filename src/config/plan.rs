@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::raw::{
     BatchNormMode, CheckpointSection, CommSection, DataFormat, DeviceKind, EpochSchedule,
     EvalSection, LogSection, LossPrecision, NonFinite, OnCorrupt, OptimizerName, Precision,
-    SaliencyName, ScheduleName, StudySection, TrainOn, TransformName, UnlearnMethod,
+    SaliencyName, ScheduleName, Select, StudySection, TrainOn, TransformName, UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -218,6 +218,8 @@ pub struct BatchNormPlan {
 pub enum Schedule {
     Constant,
     Cosine,
+    /// The cosine stepped once per epoch.
+    CosineEpochs,
     /// Multiply by `gamma` at each of these epochs.
     Step {
         milestones: Vec<u32>,
@@ -252,6 +254,7 @@ pub struct TrainPlan {
     pub warmup_steps: u64,
     pub max_steps: Option<u64>,
     pub val_fraction: f64,
+    pub select: Select,
     pub eval_every: u32,
     pub log_every: u64,
     /// `None`: stop at the first non-finite step; `Some(n)`: skip, stop after n in a row.
@@ -691,6 +694,13 @@ fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, Confi
             "\"remain\" (Retrain) needs a split: pass --split MANIFEST or set data.split",
         ));
     }
+    if t.select == Select::Val && t.val_fraction <= 0.0 {
+        return Err(config.key_error(
+            "train.select",
+            "\"val\" chooses on held-out validation samples: set train.val_fraction > 0 \
+             (or select \"last\")",
+        ));
+    }
     let optimizer = optimizer_plan(
         config,
         "train",
@@ -711,6 +721,7 @@ fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, Confi
         schedule: match t.schedule {
             ScheduleName::Constant => Schedule::Constant,
             ScheduleName::Cosine => Schedule::Cosine,
+            ScheduleName::CosineEpochs => Schedule::CosineEpochs,
             ScheduleName::Step => Schedule::Step {
                 milestones: t.milestones.clone(),
                 gamma: t.gamma,
@@ -719,6 +730,7 @@ fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, Confi
         warmup_steps: t.warmup_steps as u64,
         max_steps: (t.max_steps > 0).then_some(t.max_steps),
         val_fraction: t.val_fraction,
+        select: t.select,
         eval_every: t.eval_every,
         log_every: t.log_every.max(1) as u64,
         max_skips: match t.nonfinite {
@@ -754,6 +766,7 @@ fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {
         TransformName::Auto => crate::data::default_transform(format, train),
         TransformName::Mnist => Transform::mnist(),
         TransformName::Cifar10 => Transform::cifar(train, false),
+        TransformName::Cifar10Released => Transform::cifar10_released(train),
         TransformName::Cifar100 => Transform::cifar(train, true),
         TransformName::ImageNet => Transform::imagenet(train),
     };

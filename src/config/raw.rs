@@ -227,6 +227,9 @@ string_enum! {
         Auto => "auto",
         Mnist => "mnist",
         Cifar10 => "cifar10",
+        /// CIFAR-10 with the SFR-on authors' released normalisation (std
+        /// 0.2023, 0.1994, 0.2010): for weights trained by their code.
+        Cifar10Released => "cifar10_released",
         Cifar100 => "cifar100",
         ImageNet => "imagenet",
     }
@@ -342,9 +345,27 @@ string_enum! {
     ScheduleName {
         /// η(1 + cos(π t / T)) / 2 over the steps after warm-up.
         Cosine => "cosine",
+        /// η(1 + cos(π e / E)) / 2 in epoch e of E: PyTorch's
+        /// CosineAnnealingLR(T_max = epochs) stepped once per epoch, as the
+        /// released training does.
+        CosineEpochs => "cosine_epochs",
         /// η · gamma^(milestones passed), milestones in epochs.
         Step => "step",
         Constant => "constant",
+    }
+}
+
+string_enum! {
+    /// Which epoch's weights `train` keeps as `model.safetensors`.
+    Select {
+        /// The last.
+        Last => "last",
+        /// The best on the held-out validation samples (`val_fraction > 0`).
+        Val => "val",
+        /// The best on the test set, as the released code keeps them: its
+        /// test accuracy is then biased upward, and the weights' metadata,
+        /// train.json and a study's report say so.
+        Test => "test",
     }
 }
 
@@ -383,8 +404,11 @@ pub struct TrainSection {
     pub gamma: f64,
     /// Stop after this many steps in all (0 = every epoch); the schedule still spans `epochs`.
     pub max_steps: u64,
-    /// Fraction of the training samples held out for model selection (0 = select the last epoch).
+    /// Fraction of the training samples held out for validation (and model
+    /// selection with `select = "val"`).
     pub val_fraction: f64,
+    /// Which epoch's weights become `model.safetensors`.
+    pub select: Select,
     /// Evaluate on the test (and validation) set every this many epochs (0 = only at the end).
     pub eval_every: u32,
     /// Log and record metrics every this many steps.
@@ -416,6 +440,7 @@ impl Default for TrainSection {
             gamma: 0.1,
             max_steps: 0,
             val_fraction: 0.0,
+            select: Select::Last,
             eval_every: 1,
             log_every: 20,
             nonfinite: NonFinite::Skip,

@@ -21,9 +21,15 @@ use crate::rng::Rng;
 
 pub const MNIST_MEAN: [f32; 1] = [0.1307];
 pub const MNIST_STD: [f32; 1] = [0.3081];
-/// The SFR-on authors' CIFAR normalisation (`NormalizeByChannelMeanStd`).
+/// The usual CIFAR-10 normalisation (the SalUn / Unlearn-Sparse lineage's
+/// `NormalizeByChannelMeanStd`): the training set's per-channel statistics.
 pub const CIFAR10_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
 pub const CIFAR10_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+/// The SFR-on authors' released CIFAR-10 normalisation
+/// (`Classification/dataset/cifar10.py`): the same means, and the widely
+/// copied stds (0.2023, 0.1994, 0.2010) of the per-image statistics.
+pub const CIFAR10_RELEASED_MEAN: [f32; 3] = [0.491_400_8, 0.482_159, 0.446_530_94];
+pub const CIFAR10_RELEASED_STD: [f32; 3] = [0.202_302_75, 0.199_413_1, 0.200_960_7];
 pub const CIFAR100_MEAN: [f32; 3] = [0.5071, 0.4865, 0.4409];
 pub const CIFAR100_STD: [f32; 3] = [0.2673, 0.2564, 0.2762];
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -78,6 +84,16 @@ impl Transform {
             mean: mean.to_vec(),
             std: std.to_vec(),
             shape: [3, 32, 32],
+        }
+    }
+
+    /// [`Transform::cifar`] of CIFAR-10 with the released normalisation, so
+    /// that weights trained by the released code evaluate as they did there.
+    pub fn cifar10_released(train: bool) -> Self {
+        Transform {
+            mean: CIFAR10_RELEASED_MEAN.to_vec(),
+            std: CIFAR10_RELEASED_STD.to_vec(),
+            ..Transform::cifar(train, false)
         }
     }
 

@@ -23,6 +23,11 @@ pub fn rate(
             let s = (t - warmup) as f64;
             base * (1.0 + (std::f64::consts::PI * s / span).cos()) / 2.0
         }
+        Schedule::CosineEpochs => {
+            let epochs = total.div_ceil(per_epoch.max(1)).max(1) as f64;
+            let epoch = (t / per_epoch.max(1)) as f64;
+            base * (1.0 + (std::f64::consts::PI * epoch / epochs).cos()) / 2.0
+        }
         Schedule::Step { milestones, gamma } => {
             let epoch = t / per_epoch.max(1);
             let passed = milestones.iter().filter(|&&m| epoch >= m as u64).count();
@@ -39,6 +44,16 @@ pub fn cosine(t: u64, total: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cosine_epochs_is_constant_within_an_epoch_as_cosine_annealing_lr() {
+        // CosineAnnealingLR(T_max = 4) stepped per epoch: 0.1, 0.0854, 0.05, 0.0146.
+        let want = [0.1, 0.085_355_339, 0.05, 0.014_644_661];
+        for t in 0..40 {
+            let r = rate(&Schedule::CosineEpochs, 0.1, t, 40, 0, 10);
+            assert!((r - want[(t / 10) as usize]).abs() < 1e-9, "step {t}: {r}");
+        }
+    }
 
     #[test]
     fn cosine_warmup_and_step() {

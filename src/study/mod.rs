@@ -167,7 +167,24 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
     }
 
     if comm.is_root() {
-        let summary = report::write(&root, plan, &per_seed)?;
+        let mut notes = Vec::new();
+        let mut chosen_by_test = vec![(String::from("the original"), original.clone())];
+        for &seed in &study.seeds {
+            let retrain = root.join(format!("seed-{seed}/retrain/{MODEL_FILE}"));
+            chosen_by_test.push((format!("Retrain (seed {seed})"), retrain));
+        }
+        for (what, path) in chosen_by_test {
+            let (_, meta) = weights::load(&path)?;
+            if meta.get(train::SELECTED_BY).map(String::as_str) == Some("test") {
+                notes.push(format!(
+                    "{what} ({}) kept the epoch of its best test accuracy \
+                     (train.select = \"test\", as the released code does): its TA, and the \
+                     gaps measured against it, are biased by that choice.",
+                    path.display()
+                ));
+            }
+        }
+        let summary = report::write(&root, plan, &per_seed, &notes)?;
         print!("{}", summary.table);
         println!("report: {}", root.join("report.md").display());
     }

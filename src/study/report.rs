@@ -118,7 +118,14 @@ pub struct Summary {
     pub table: String,
 }
 
-pub fn write(root: &Path, plan: &RunPlan, per_seed: &[(u64, Vec<Evaluated>)]) -> Result<Summary> {
+/// Writes report.json and report.md; `notes` (caveats about the models
+/// compared, e.g. one chosen by the test set) head the Markdown's findings.
+pub fn write(
+    root: &Path,
+    plan: &RunPlan,
+    per_seed: &[(u64, Vec<Evaluated>)],
+    notes: &[String],
+) -> Result<Summary> {
     let names: Vec<String> = per_seed
         .first()
         .map(|(_, ev)| ev.iter().map(|e| e.name.clone()).collect())
@@ -268,6 +275,9 @@ pub fn write(root: &Path, plan: &RunPlan, per_seed: &[(u64, Vec<Evaluated>)]) ->
         "Smallest Avg. Gap: **{}**.\n\n",
         smallest.join(", ")
     ));
+    for note in notes {
+        md.push_str(&format!("**Note.** {note}\n\n"));
+    }
 
     // Per-class test accuracy, first seed.
     if let Some((seed, ev)) = per_seed.first() {
@@ -312,6 +322,7 @@ pub fn write(root: &Path, plan: &RunPlan, per_seed: &[(u64, Vec<Evaluated>)]) ->
         "columns": COLUMNS.iter().map(|c| json!({"name": c.name, "key": c.key})).collect::<Vec<_>>(),
         "best": COLUMNS.iter().zip(&best).map(|(c, b)| (c.key.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(),
         "rows": rows,
+        "notes": notes,
         "plots": plots.iter().map(|(t, f)| json!({"title": t, "file": f})).collect::<Vec<_>>(),
     });
     let path = root.join("report.json");
