@@ -28,9 +28,32 @@ pub const LOCK_FILE: &str = ".sfron.lock";
 
 /// Held while alive (the locked file's descriptor on rank 0; nothing on
 /// the other ranks).
+///
+/// A job that created the run folder and wrote nothing else into it (bad
+/// input found after the lock was taken) removes the folder again when the
+/// lock is dropped, so a refused job leaves no trace.
 #[must_use = "the lock is released when this is dropped"]
 pub struct RunLock {
-    _file: Option<File>,
+    file: Option<File>,
+    /// The folder, when this job created it.
+    created: Option<std::path::PathBuf>,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let Some(dir) = self.created.take() else {
+            return;
+        };
+        let only_lock = std::fs::read_dir(&dir)
+            .is_ok_and(|entries| entries.flatten().all(|e| e.file_name() == LOCK_FILE));
+        if only_lock {
+            // Unlinked while still held: a job that opens the name after
+            // this creates a fresh file and folder.
+            let _ = std::fs::remove_file(dir.join(LOCK_FILE));
+            let _ = std::fs::remove_dir(&dir);
+        }
+        self.file.take();
+    }
 }
 
 impl RunLock {
@@ -39,9 +62,14 @@ impl RunLock {
     pub fn acquire(comm: &Comm, dir: &Path, command: &str) -> Result<Self> {
         let mut outcome = Vec::new();
         let mut file = None;
+        let mut created = None;
         if comm.is_root() {
+            let existed = dir.exists();
             match lock(dir, command) {
-                Ok(f) => file = Some(f),
+                Ok(f) => {
+                    file = Some(f);
+                    created = (!existed).then(|| dir.to_path_buf());
+                }
                 Err(e) => outcome = format!("{e:#}").into_bytes(),
             }
         }
@@ -49,7 +77,7 @@ impl RunLock {
         if !outcome.is_empty() {
             bail!("{}", String::from_utf8_lossy(&outcome));
         }
-        Ok(RunLock { _file: file })
+        Ok(RunLock { file, created })
     }
 }
 

@@ -31,15 +31,32 @@ fn summary(m: &Manifest, out: &Path) -> String {
         m.forget.len(),
         remain
     );
+    // Every class when there are few; beyond that (ImageNet's 1,000) the
+    // classes with forget samples and a count of the rest.
+    let many = m.dataset.classes.len() > MAX_CLASS_ROWS;
     text.push_str("class       forget  remain\n");
+    let mut untouched = (0usize, 0usize);
     for (c, name) in m.dataset.classes.iter().enumerate() {
+        if many && m.counts.forget[c] == 0 {
+            untouched = (untouched.0 + 1, untouched.1 + m.counts.remain[c]);
+            continue;
+        }
         text.push_str(&format!(
             "{name:<10} {:>7} {:>7}\n",
             m.counts.forget[c], m.counts.remain[c]
         ));
     }
+    if untouched.0 > 0 {
+        text.push_str(&format!(
+            "({} more classes, no forget samples, {} remain samples)\n",
+            untouched.0, untouched.1
+        ));
+    }
     text
 }
+
+/// Classes listed one per row up to this many.
+const MAX_CLASS_ROWS: usize = 100;
 
 fn scenario_text(s: &Scenario) -> String {
     match s {

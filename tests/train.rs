@@ -66,6 +66,9 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             let p = e.path();
             if p.is_dir() {
                 out.extend(snapshot(&p));
+            } else if p.file_name().is_some_and(|n| n == sfron::rundir::LOCK_FILE) {
+                // The run-folder lock names its latest holder: not an output.
+                continue;
             } else {
                 out.push((p.clone(), std::fs::read(&p).unwrap()));
             }

@@ -97,8 +97,9 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
         at::Tensor var_x = var.to(x.scalar_type());
         // The normalisation in one fused pass: eval-mode batch_norm with the
         // global statistics in the place of the running ones.
-        at::Tensor y = at::batch_norm(x, weight, bias, mean_x, var_x, /*training=*/false,
-                                      /*momentum=*/0.0, eps, /*cudnn_enabled=*/true);
+        at::Tensor y = n > 0 ? at::batch_norm(x, weight, bias, mean_x, var_x, /*training=*/false,
+                                              /*momentum=*/0.0, eps, /*cudnn_enabled=*/true)
+                             : at::empty_like(x);
         ctx->save_for_backward({x, weight, mean_x, var_x});
         ctx->saved_data["count"] = count;
         ctx->saved_data["eps"] = eps;
@@ -120,11 +121,20 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
         const int64_t channels = x.size(1);
         // Eval-mode backward with the global statistics, fused: dx = dy·w·invstd,
         // and this rank's Σdy·x̂ (the weight's gradient) and Σdy (the bias's).
-        auto parts = at::native_batch_norm_backward(dy, x, weight, mean, var, {}, {},
-                                                    /*train=*/false, eps, {true, true, true});
-        at::Tensor dx = std::get<0>(parts);
-        const at::Tensor dweight = std::get<1>(parts);
-        const at::Tensor dbias = std::get<2>(parts);
+        // A rank with no samples adds zeros to the sums (libtorch's kernel
+        // divides by the sample count: it must not see an empty batch).
+        at::Tensor dx, dweight, dbias;
+        if (x.numel() == 0) {
+            dx = at::zeros_like(x);
+            dweight = at::zeros({channels}, weight.options());
+            dbias = at::zeros({channels}, weight.options());
+        } else {
+            auto parts = at::native_batch_norm_backward(dy, x, weight, mean, var, {}, {},
+                                                        /*train=*/false, eps, {true, true, true});
+            dx = std::get<0>(parts);
+            dweight = std::get<1>(parts);
+            dbias = std::get<2>(parts);
+        }
         at::Tensor sums = at::empty({2 * channels}, x.options().dtype(at::kDouble));
         sums.narrow(0, 0, channels).copy_(dbias);
         sums.narrow(0, channels, channels).copy_(dweight);
