@@ -12,6 +12,9 @@ import platform
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_md import replace_section  # noqa: E402
+
 HEADING = "## Step, scaling and reductions (`launch/bench`)"
 
 
@@ -115,15 +118,7 @@ def main():
         *grads,
         "",
     ])
-    text = open(md).read() if os.path.exists(md) else "# Benchmarks\n\n"
-    start = text.find(HEADING)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    open(md, "w").write(text)
-    print(section)
+    replace_section(md, HEADING, section)
 
 
 if __name__ == "__main__":

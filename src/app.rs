@@ -128,6 +128,27 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
             }
             comm.barrier();
         }
+        Command::Bench(BenchCommand::ImagenetShape(a)) => {
+            if comm.is_root() {
+                let t0 = std::time::Instant::now();
+                let (train, val) = bench::scale::generate(&a.out, a.scale, &a.format)?;
+                println!(
+                    "{}",
+                    serde_json::json!({"bench": "imagenet_shape", "format": a.format,
+                        "scale": a.scale, "train": train, "val": val,
+                        "seconds": t0.elapsed().as_secs_f64(), "root": a.out})
+                );
+            }
+            comm.barrier();
+        }
+        Command::Bench(BenchCommand::Index(a)) => {
+            if comm.is_root() {
+                for row in bench::scale::index(&plan, a.split.as_deref(), &a.ranks)? {
+                    println!("{row}");
+                }
+            }
+            comm.barrier();
+        }
         Command::Bench(BenchCommand::Step(a)) => {
             let options = bench::step::StepOptions {
                 batch: a.batch,

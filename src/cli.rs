@@ -97,6 +97,8 @@ impl Command {
             Command::Bench(BenchCommand::Data(a)) => a.more.sets.clone(),
             Command::Bench(BenchCommand::Step(a)) => a.more.sets.clone(),
             Command::Bench(BenchCommand::Reduce(a)) => a.more.sets.clone(),
+            Command::Bench(BenchCommand::ImagenetShape(a)) => a.more.sets.clone(),
+            Command::Bench(BenchCommand::Index(a)) => a.more.sets.clone(),
             Command::Eval(a) => {
                 let mut sets = a.more.sets.clone();
                 if let Some(split) = &a.split {
@@ -179,6 +181,14 @@ pub enum BenchCommand {
     /// All-reduce times against the ring model, 1 KiB to 128 MiB, and the
     /// gradient buffers of ResNet-18 and ResNet-50 (run it under mpirun).
     Reduce(BenchReduceArgs),
+    /// Write a dataset of ImageNet-1k's shape (1,000 classes, 1,281,167
+    /// training and 50,000 validation samples, times --scale) of tiny JPEGs,
+    /// as WebDataset tar shards or an ImageFolder.
+    ImagenetShape(BenchImagenetShapeArgs),
+    /// Time what grows with the dataset (`data.*`): indexing, a split
+    /// manifest's check, the sampler's epoch for --ranks world sizes; JSON
+    /// lines with the peak resident memory.
+    Index(BenchIndexArgs),
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +230,33 @@ pub struct BenchReduceArgs {
     /// Skip the model gradient rows.
     #[arg(long)]
     pub no_models: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchImagenetShapeArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// Where to write train/ and val/.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Fraction of ImageNet's size, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// tar (WebDataset shards) or imagefolder.
+    #[arg(long, default_value = "tar")]
+    pub format: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchIndexArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// A split manifest of the dataset: time reading and checking it.
+    #[arg(long, value_name = "MANIFEST")]
+    pub split: Option<PathBuf>,
+    /// World sizes whose epoch of shares to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "8,64")]
+    pub ranks: Vec<usize>,
 }
 
 #[derive(Debug, Args)]

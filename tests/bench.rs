@@ -86,6 +86,57 @@ fn launch_bench_runs_every_measurement_on_a_tiny_model_and_writes_its_section() 
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `launch/bench-imagenet` at two tiny scales in both formats: every
+/// measurement runs on the generated data (the index sees every generated
+/// sample, the sampler's shares cover the remain set, the capped SFR-on run
+/// finishes) and the section lands in BENCHMARKS.md.
+#[test]
+fn launch_bench_imagenet_measures_both_formats_and_writes_its_section() {
+    let dir = support::temp_dir("bench-imagenet");
+    let md = dir.join("BENCHMARKS.md");
+    let o = Command::new(Path::new(ROOT).join("launch/bench-imagenet"))
+        .current_dir(ROOT)
+        .envs([
+            ("SCALES", "0.001 0.002"),
+            ("FORMATS", "tar imagefolder"),
+            ("SFRON_NO_SETUP", "1"),
+            ("SFRON_COMM", "local"),
+        ])
+        .env("ROOT", &dir)
+        .env("BENCH_MD", &md)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("rows.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for r in &rows {
+        // ImageNet's 1,281,167 times the scale, each of the 1,000 classes
+        // rounded (and kept at one sample at least).
+        let want = r["scale"].as_f64().unwrap() * 1_281_167.0;
+        let got = r["train"].as_f64().unwrap();
+        assert!((got - want).abs() <= 1000.0 && got >= 1000.0, "{r}");
+        assert!(r["sfron_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["manifest_random_kb"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let written = std::fs::read_to_string(&md).unwrap();
+    for needle in [
+        "## ImageNet's cardinality (`launch/bench-imagenet`)",
+        "| tar | 1,000 |",
+        "| imagefolder |",
+        "Fastest-growing time",
+    ] {
+        assert!(
+            written.contains(needle),
+            "{needle:?} missing from\n{written}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn gpu_check_parses_and_its_dry_run_lists_every_step() {
     let script = Path::new(ROOT).join("launch/gpu-check");

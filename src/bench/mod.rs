@@ -10,8 +10,11 @@
 //!   256 + CenterCrop 224), for each requested worker count.
 //!   `launch/bench-data` runs the same measurement for torchvision's
 //!   ImageFolder + DataLoader and writes the ratios into BENCHMARKS.md.
+//! - `bench imagenet-shape` and `bench index` ([`scale`]): ImageNet's
+//!   cardinality without ImageNet (`launch/bench-imagenet`).
 
 pub mod reduce;
+pub mod scale;
 pub mod step;
 
 use std::path::Path;
