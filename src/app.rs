@@ -131,10 +131,10 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
         Command::Bench(BenchCommand::ImagenetShape(a)) => {
             if comm.is_root() {
                 let t0 = std::time::Instant::now();
-                let (train, val) = bench::scale::generate(&a.out, a.scale, &a.format)?;
+                let (train, val) = bench::scale::generate(&a.out, a.scale, a.format)?;
                 println!(
                     "{}",
-                    serde_json::json!({"bench": "imagenet_shape", "format": a.format,
+                    serde_json::json!({"bench": "imagenet_shape", "format": a.format.name(),
                         "scale": a.scale, "train": train, "val": val,
                         "seconds": t0.elapsed().as_secs_f64(), "root": a.out})
                 );

@@ -243,8 +243,8 @@ pub struct BenchImagenetShapeArgs {
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
     /// tar (WebDataset shards) or imagefolder.
-    #[arg(long, default_value = "tar")]
-    pub format: String,
+    #[arg(long, value_enum, default_value_t = crate::bench::scale::ShapeFormat::Tar)]
+    pub format: crate::bench::scale::ShapeFormat,
 }
 
 #[derive(Debug, Args)]

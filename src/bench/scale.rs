@@ -76,21 +76,60 @@ fn tiny_jpeg(class: usize) -> Result<Vec<u8>> {
 /// Samples per tar shard (WebDataset's usual few thousand).
 const PER_SHARD: usize = 5000;
 
+/// The layout `generate` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShapeFormat {
+    /// WebDataset tar shards (`data.format = "tar"`).
+    Tar,
+    /// One folder per class (`data.format = "imagefolder"`).
+    Imagefolder,
+}
+
+impl ShapeFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ShapeFormat::Tar => "tar",
+            ShapeFormat::Imagefolder => "imagefolder",
+        }
+    }
+}
+
+/// Marks a folder as this generator's (so that a rerun may replace it).
+const OWNED: &str = ".sfron-imagenet-shape";
+
 /// Writes an ImageNet-shaped dataset at `scale` under `root` (`train/`,
-/// `val/`) as `tar` shards or an `imagefolder`; returns the training and
-/// validation sample counts. A complete earlier copy is kept.
-pub fn generate(root: &Path, scale: f64, format: &str) -> Result<(usize, usize)> {
+/// `val/`) in `format`; returns the training and validation sample counts.
+/// A complete earlier copy is kept; an incomplete one of this generator is
+/// replaced; any other non-empty folder is refused, untouched.
+pub fn generate(root: &Path, scale: f64, format: ShapeFormat) -> Result<(usize, usize)> {
     if !(scale > 0.0 && scale <= 1.0) {
         bail!("--scale {scale}: must be in (0, 1]");
     }
     let train = scaled(&imagenet_counts(), scale);
     let val = scaled(&vec![IMAGENET_VAL_PER_CLASS; IMAGENET_CLASSES], scale);
     let totals = (train.iter().sum(), val.iter().sum());
-    let marker = root.join(format!(".complete-{format}-{}-{}", totals.0, totals.1));
+    let marker = root.join(format!(
+        ".complete-{}-{}-{}",
+        format.name(),
+        totals.0,
+        totals.1
+    ));
     if marker.exists() {
         return Ok(totals);
     }
-    let _ = std::fs::remove_dir_all(root);
+    let occupied = std::fs::read_dir(root).is_ok_and(|mut d| d.next().is_some());
+    if occupied {
+        if !root.join(OWNED).exists() {
+            bail!(
+                "--out {}: the folder exists and was not written by `sfron bench imagenet-shape`; \
+                 give an empty or new folder",
+                root.display()
+            );
+        }
+        std::fs::remove_dir_all(root).with_context(|| format!("clearing {}", root.display()))?;
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    std::fs::write(root.join(OWNED), b"")?;
     let jpegs: Vec<Vec<u8>> = (0..IMAGENET_CLASSES)
         .map(tiny_jpeg)
         .collect::<Result<_>>()?;
@@ -98,9 +137,8 @@ pub fn generate(root: &Path, scale: f64, format: &str) -> Result<(usize, usize)>
         let dir = root.join(part);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         match format {
-            "tar" => write_shards(&dir, counts, &jpegs)?,
-            "imagefolder" => write_folders(&dir, counts, &jpegs)?,
-            other => bail!("--format {other}: expected tar or imagefolder"),
+            ShapeFormat::Tar => write_shards(&dir, counts, &jpegs)?,
+            ShapeFormat::Imagefolder => write_folders(&dir, counts, &jpegs)?,
         }
     }
     std::fs::write(&marker, b"")?;
@@ -236,5 +274,32 @@ mod tests {
         assert_eq!(*counts.iter().min().unwrap(), SMALLEST);
         assert_eq!(*counts.iter().max().unwrap(), LARGEST);
         assert_eq!(scaled(&counts, 0.001).iter().sum::<usize>(), 1000);
+    }
+
+    #[test]
+    fn a_foreign_folder_is_refused_untouched_and_a_complete_copy_is_kept() {
+        let root = std::env::temp_dir().join(format!("sfron-shape-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("mine.txt"), b"keep").unwrap();
+        let refused = format!("{:#}", generate(&root, 1e-4, ShapeFormat::Tar).unwrap_err());
+        assert!(refused.contains("not written by"), "{refused}");
+        assert_eq!(std::fs::read(root.join("mine.txt")).unwrap(), b"keep");
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(
+            generate(&root, 1e-4, ShapeFormat::Imagefolder).unwrap(),
+            (1000, 1000)
+        );
+        let shard = root.join("train/n00000000/n00000000_0.jpg");
+        let before = std::fs::metadata(&shard).unwrap().modified().unwrap();
+        assert_eq!(
+            generate(&root, 1e-4, ShapeFormat::Imagefolder).unwrap(),
+            (1000, 1000)
+        );
+        assert_eq!(
+            std::fs::metadata(&shard).unwrap().modified().unwrap(),
+            before
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
