@@ -203,19 +203,8 @@ impl Nccl {
     /// `ptr` must point to `len` floats of device memory on this rank's CUDA
     /// device that stay allocated until the stream reaches the reduction.
     pub unsafe fn sum_f32(&self, ptr: *mut f32, len: usize) -> Result<(), String> {
-        // SAFETY: the caller's contract; a null stream is the default stream.
-        let rc = unsafe {
-            (self.api.all_reduce)(
-                ptr.cast_const().cast(),
-                ptr.cast(),
-                len,
-                NCCL_FLOAT32,
-                NCCL_SUM,
-                self.comm,
-                std::ptr::null_mut(),
-            )
-        };
-        self.api.check(rc, "ncclAllReduce")
+        // SAFETY: the caller's contract, for floats.
+        unsafe { self.sum_in_place(ptr.cast(), len, NCCL_FLOAT32) }
     }
 
     /// [`Nccl::sum_f32`] of `len` doubles (global BatchNorm's statistics).
@@ -223,13 +212,28 @@ impl Nccl {
     /// # Safety
     /// As [`Nccl::sum_f32`], for `len` doubles.
     pub unsafe fn sum_f64(&self, ptr: *mut f64, len: usize) -> Result<(), String> {
+        // SAFETY: the caller's contract, for doubles.
+        unsafe { self.sum_in_place(ptr.cast(), len, NCCL_FLOAT64) }
+    }
+
+    /// The in-place sum of `len` elements of `dtype` at `ptr` on the
+    /// default stream.
+    ///
+    /// # Safety
+    /// As [`Nccl::sum_f32`], for `len` elements of `dtype`.
+    unsafe fn sum_in_place(
+        &self,
+        ptr: *mut c_void,
+        len: usize,
+        dtype: c_int,
+    ) -> Result<(), String> {
         // SAFETY: the caller's contract; a null stream is the default stream.
         let rc = unsafe {
             (self.api.all_reduce)(
-                ptr.cast_const().cast(),
-                ptr.cast(),
+                ptr.cast_const(),
+                ptr,
                 len,
-                NCCL_FLOAT64,
+                dtype,
                 NCCL_SUM,
                 self.comm,
                 std::ptr::null_mut(),
