@@ -70,18 +70,24 @@ def build(arch):
 ARCHS = ["resnet18_cifar", "resnet18", "resnet50", "mnist_cnn", "mnist_cnn_bn"]
 
 
+def randomize_batchnorm(model, tracked):
+    """Random affine parameters and running statistics in every BatchNorm2d
+    (a fresh model's are 1, 0, 0, 1: they would hide a swapped tensor)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+                mod.num_batches_tracked.fill_(tracked)
+
+
 def make(out):
     for k, arch in enumerate(ARCHS):
         torch.manual_seed(100 + k)
         model, shape = build(arch)
-        with torch.no_grad():
-            for mod in model.modules():
-                if isinstance(mod, nn.BatchNorm2d):
-                    mod.running_mean.normal_(0, 0.2)
-                    mod.running_var.uniform_(0.5, 1.5)
-                    mod.weight.uniform_(0.5, 1.5)
-                    mod.bias.normal_(0, 0.1)
-                    mod.num_batches_tracked.fill_(7)
+        randomize_batchnorm(model, tracked=7)
         model.eval()
         x = torch.randn(shape)
         with torch.no_grad():

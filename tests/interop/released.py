@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from models import randomize_batchnorm  # this folder (the script's own)
 
 
 class Block(nn.Module):
@@ -65,14 +66,7 @@ def main(out):
     torch.manual_seed(3)
     torch.set_num_threads(2)
     model = ReleasedResNet18()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.num_batches_tracked.fill_(11)
+    randomize_batchnorm(model, tracked=11)
     model.eval()
     torch.save(model.state_dict(), f"{out}/released.pth")
     wrapped = {"module." + k: v for k, v in model.state_dict().items()}
