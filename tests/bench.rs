@@ -41,11 +41,7 @@ fn launch_bench_runs_every_measurement_on_a_tiny_model_and_writes_its_section() 
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("results.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = support::json_lines(&std::fs::read_to_string(dir.join("results.jsonl")).unwrap());
     let label = |l: &str| rows.iter().find(|r| r["label"] == l).cloned();
     for l in [
         "sfron_1x1",
@@ -107,11 +103,7 @@ fn launch_bench_imagenet_measures_both_formats_and_writes_its_section() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("rows.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = support::json_lines(&std::fs::read_to_string(dir.join("rows.jsonl")).unwrap());
     assert_eq!(rows.len(), 4, "{rows:?}");
     for r in &rows {
         // ImageNet's 1,281,167 times the scale, each of the 1,000 classes

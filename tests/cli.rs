@@ -266,10 +266,7 @@ fn bench_data_reports_rates_for_each_transform_and_worker_count() {
         "0,2",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let lines: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = support::json_lines(&text(&out.stdout));
     assert_eq!(lines.len(), 4);
     for line in &lines {
         assert_eq!(line["images"], 20);

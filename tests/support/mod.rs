@@ -64,6 +64,15 @@ pub fn text(o: &std::process::Output) -> String {
     )
 }
 
+/// One JSON value per line of `text` (a command's JSON-lines output, a
+/// results file); panics on a line that is not JSON.
+#[allow(dead_code)]
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 /// The interpreter of the PyTorch references (launch/setup records it).
 #[allow(dead_code)]
 pub fn python() -> String {
