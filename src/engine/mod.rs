@@ -564,7 +564,7 @@ pub fn backward_ce_sum(
     device: Device,
     train: bool,
 ) -> Local {
-    if batch.is_empty() && !(train && model.norm_sync().is_global()) {
+    if !model.must_forward(batch.is_empty(), train) {
         return Local::default();
     }
     let x = batch.images.to_device(device);

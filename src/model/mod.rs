@@ -98,6 +98,14 @@ impl Model {
         &self.norm
     }
 
+    /// Whether this rank must run a forward pass over its share of a batch
+    /// (`empty`: the share has no samples): always for samples; for an empty
+    /// share only in train mode under global BatchNorm, whose layers' sums
+    /// every rank joins in the same order.
+    pub fn must_forward(&self, empty: bool, train: bool) -> bool {
+        !empty || (train && self.norm.is_global())
+    }
+
     /// Makes every later forward pass multiply each logit by `1 + u`, `u`
     /// uniform in `[−rel, rel]` (a constant of the graph: gradients flow as
     /// without it), drawn from a stream keyed by `seed` and the pass's

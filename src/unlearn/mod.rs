@@ -218,8 +218,7 @@ impl Session<'_> {
         let batch = self.next(which, t)?;
         self.engine.zero_grad();
         let mut local = Local::default();
-        // Under global BatchNorm an empty share still joins the layers' sums.
-        if !batch.is_empty() || (train && self.model.norm_sync().is_global()) {
+        if self.model.must_forward(batch.is_empty(), train) {
             let rows = Rows {
                 x: batch.images.to_device(self.device),
                 labels: batch.labels.to_device(self.device),

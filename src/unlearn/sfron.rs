@@ -56,8 +56,8 @@ impl Sfron {
             .plan
             .freeze_bn_on_forget
             .then(|| s.engine.buffer_copies());
-        // Under global BatchNorm an empty share still joins the layers' sums.
-        let rows = (!batch.is_empty() || s.model.norm_sync().is_global()).then(|| {
+        // Forget steps run in train mode.
+        let rows = s.model.must_forward(batch.is_empty(), true).then(|| {
             (
                 batch.images.to_device(s.device),
                 batch.labels.to_device(s.device),
