@@ -24,7 +24,7 @@ use crate::data::{BatchStream, Cursor, Sampler, Stream};
 use crate::engine::checkpoint::{self, Checkpointer, Restored};
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
-use crate::engine::{Edit, Engine, Optimizer, Scale, backward_ce_sum, schedule};
+use crate::engine::{Edit, Engine, Optimizer, Scale, Window, backward_ce_sum, schedule};
 use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
@@ -407,8 +407,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     let base_seconds = state.elapsed_s;
     let started = Instant::now();
     let mut step = start;
-    // Since the last record: start, Σ loss, Σ correct, samples, steps, Σ step norm.
-    let mut window = (Instant::now(), 0f64, 0f64, 0f64, 0u64, 0f64);
+    // Since the last record: its start and the steps' sums.
+    let mut window = (Instant::now(), Window::default());
     while step < end {
         let t0 = Instant::now();
         let batch = stream.next_batch()?;
@@ -434,31 +434,24 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         step += 1;
         faults.after_step(comm.rank(), step - 1, &engine.params);
         let dt = t0.elapsed().as_secs_f64();
-        window.1 += out.loss_sum;
-        window.2 += out.correct;
-        window.3 += out.count;
-        window.4 += 1;
-        window.5 += out.step_norm;
+        window.1.add(&out);
         if step.is_multiple_of(t.log_every) || step == end {
             let secs = window.0.elapsed().as_secs_f64();
+            let w = &window.1;
+            let (loss, acc) = (w.loss().unwrap_or(0.0), w.acc().unwrap_or(0.0));
+            let images_per_s = w.count / secs.max(1e-9);
             let rec = json!({
                 "event": "step", "step": step, "epoch": (step - 1) / per_epoch, "lr": lr,
-                "loss": window.1 / window.3.max(1.0), "acc": 100.0 * window.2 / window.3.max(1.0),
-                "images_per_s": window.3 / secs.max(1e-9), "step_ms": 1e3 * dt,
-                "grad_norm": window.5 / window.4.max(1) as f64,
+                "loss": loss, "acc": acc, "images_per_s": images_per_s, "step_ms": 1e3 * dt,
+                "grad_norm": w.grad_norm().unwrap_or(0.0),
                 "skipped": engine.skips_total,
             });
             progress.show(
                 step,
-                &format!(
-                    "loss {:.4} acc {:.2}% lr {lr:.4} {:.0} img/s",
-                    window.1 / window.3.max(1.0),
-                    100.0 * window.2 / window.3.max(1.0),
-                    window.3 / secs.max(1e-9)
-                ),
+                &format!("loss {loss:.4} acc {acc:.2}% lr {lr:.4} {images_per_s:.0} img/s"),
             );
             progress.record(rec)?;
-            window = (Instant::now(), 0.0, 0.0, 0.0, 0, 0.0);
+            window = (Instant::now(), Window::default());
         }
         if t.verify_every > 0 && step.is_multiple_of(t.verify_every) {
             engine.verify_identical(&what)?;

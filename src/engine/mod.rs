@@ -100,6 +100,40 @@ impl Outcome {
     }
 }
 
+/// Running sums of a stream's step outcomes between two metrics lines.
+#[derive(Default)]
+pub struct Window {
+    pub loss: f64,
+    pub correct: f64,
+    /// Samples.
+    pub count: f64,
+    pub steps: u64,
+    pub step_norm: f64,
+}
+
+impl Window {
+    pub fn add(&mut self, o: &Outcome) {
+        self.loss += o.loss_sum;
+        self.correct += o.correct;
+        self.count += o.count;
+        self.steps += 1;
+        self.step_norm += o.step_norm;
+    }
+
+    /// Mean L2 norm of the gradients stepped with ([`Outcome::step_norm`]).
+    pub fn grad_norm(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.step_norm / self.steps as f64)
+    }
+
+    pub fn loss(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.loss / self.count)
+    }
+
+    pub fn acc(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| 100.0 * self.correct / self.count)
+    }
+}
+
 /// The model's parameters, the flat reduction buffer and the optimizer.
 pub struct Engine<'a> {
     comm: &'a Comm,

@@ -37,7 +37,7 @@ use crate::data::{Batch, BatchStream, Cursor, Sampler, Stream};
 pub use crate::engine::Edit;
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
-use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, correct};
+use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, Window, correct};
 use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
@@ -354,41 +354,6 @@ fn method(plan: &RunPlan) -> Box<dyn Method> {
         UnlearnMethod::BadTeacher => Box::new(bad_teacher::BadTeacher::new(b.bad_teacher)),
         UnlearnMethod::Scrub => Box::new(scrub::Scrub::new(b.scrub)),
         UnlearnMethod::L1Sparse => Box::new(l1_sparse::L1Sparse::new(b.l1_sparse)),
-    }
-}
-
-/// Running sums of one stream's statistics between two metrics lines.
-#[derive(Default)]
-struct Window {
-    loss: f64,
-    correct: f64,
-    count: f64,
-    steps: u64,
-    step_norm: f64,
-}
-
-impl Window {
-    fn add(&mut self, o: Option<Outcome>) {
-        if let Some(o) = o {
-            self.loss += o.loss_sum;
-            self.correct += o.correct;
-            self.count += o.count;
-            self.steps += 1;
-            self.step_norm += o.step_norm;
-        }
-    }
-
-    /// Mean L2 norm of the gradients stepped with ([`Outcome::step_norm`]).
-    fn grad_norm(&self) -> Option<f64> {
-        (self.steps > 0).then(|| self.step_norm / self.steps as f64)
-    }
-
-    fn loss(&self) -> Option<f64> {
-        (self.count > 0.0).then(|| self.loss / self.count)
-    }
-
-    fn acc(&self) -> Option<f64> {
-        (self.count > 0.0).then(|| 100.0 * self.correct / self.count)
     }
 }
 
@@ -753,7 +718,9 @@ impl Windows {
             .iter_mut()
             .zip([it.forget, it.remain, it.union])
         {
-            w.add(o);
+            if let Some(o) = o {
+                w.add(&o);
+            }
         }
         self.iterations += 1;
     }
