@@ -30,6 +30,7 @@ pub mod comm;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod diffusion;
 pub mod doctor;
 pub mod engine;
 pub mod eval;

@@ -23,6 +23,16 @@ pub mod tag {
     pub const TEACHER: u64 = 0x0054_4541_4348_4552;
     /// The robustness probe's logit noise: `[seed, LOGIT_NOISE, pass]`.
     pub const LOGIT_NOISE: u64 = 0x4c4f_4749_5453;
+    /// Diffusion timesteps: `[seed, TIMESTEP, purpose, step, pair]`.
+    pub const TIMESTEP: u64 = 0x5449_4d45_5354;
+    /// Diffusion noise ε: `[seed, NOISE, purpose, step, position]`.
+    pub const NOISE: u64 = 0x004e_4f49_5345;
+    /// Classifier-free guidance's dropped conditions: `[seed, COND_DROP, purpose, step, position]`.
+    pub const COND_DROP: u64 = 0x0043_4452_4f50;
+    /// The UNet's dropout masks: `[seed, DROPOUT, purpose, step, position]`.
+    pub const DROPOUT: u64 = 0x0044_524f_504f_5554;
+    /// Sampling's initial noise and per-step noise: `[seed, SAMPLE, class, index]`.
+    pub const SAMPLE: u64 = 0x5341_4d50_4c45;
 }
 
 /// SplitMix64.

@@ -154,7 +154,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
         "split": inputs.split_hash(),
     });
     crate::model::layout::add_precision(&mut recipe, plan.precision);
-    crate::model::norm::add_to_recipe(&mut recipe, plan.model.arch, plan.model.batchnorm.mode);
+    crate::model::norm::add_to_recipe(&mut recipe, &plan.model.arch, plan.model.batchnorm.mode);
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
 }
 
@@ -307,7 +307,12 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         bail!("no training samples left (the split forgets all of them?)");
     }
     tch::manual_seed(plan.seed as i64);
-    let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
+    let mut model = Model::new(
+        plan.model.arch.clone(),
+        inputs.in_channels,
+        inputs.classes,
+        device,
+    );
     if let Some(init) = &plan.model.init {
         model.load(init)?;
     }

@@ -169,7 +169,7 @@ pub fn gradients(
     classes: i64,
     strategy: Strategy,
 ) -> Result<Vec<ReduceRow>> {
-    let net = Model::new(arch, 3, classes, Device::Cpu);
+    let net = Model::new(arch.clone(), 3, classes, Device::Cpu);
     let grads: Vec<Tensor> = net
         .parameters()
         .iter()

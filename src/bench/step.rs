@@ -115,7 +115,7 @@ fn batch(o: &StepOptions, device: Device) -> Batch {
 
 /// A model of the plan's architecture with rank 0's fresh weights.
 fn fresh_model(comm: &Comm, plan: &RunPlan, o: &StepOptions, device: Device) -> Result<Model> {
-    let mut m = Model::new(plan.model.arch, o.channels, o.classes, device);
+    let mut m = Model::new(plan.model.arch.clone(), o.channels, o.classes, device);
     m.set_compute(plan.compute()).map_err(anyhow::Error::msg)?;
     let state: Vec<Tensor> = m.state().into_iter().map(|(_, t)| t).collect();
     broadcast_all(comm, &state)?;

@@ -4,14 +4,16 @@
 use std::path::PathBuf;
 
 use super::raw::{
-    BatchNormMode, CheckpointSection, CommSection, DataFormat, DeviceKind, EpochSchedule,
-    EvalSection, LogSection, LossPrecision, NonFinite, OnCorrupt, OptimizerName, Precision,
-    SaliencyName, ScheduleName, Select, StudySection, TrainOn, TransformName, UnlearnMethod,
+    BatchNormMode, CheckpointSection, CommSection, DataFormat, DeviceKind, DiffusionSection,
+    EpochSchedule, EvalSection, LogSection, LossPrecision, NonFinite, OnCorrupt, OptimizerName,
+    Precision, SaliencyName, ScheduleName, Select, StudySection, TrainOn, TransformName,
+    UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
 use crate::data::{CorruptPolicy, Format, Transform};
 use crate::model::Arch;
+use crate::model::unet::UnetSpec;
 
 /// Libtorch intra-op threads above this are a typo, not a machine.
 const MAX_THREADS: u32 = 1024;
@@ -49,6 +51,8 @@ pub struct RunPlan {
     pub log: LogSection,
     pub data: DataPlan,
     pub model: ModelPlan,
+    /// The diffusion process (read by denoisers only).
+    pub diffusion: DiffusionSection,
     pub train: TrainPlan,
     pub checkpoint: CheckpointSection,
     pub unlearn: UnlearnPlan,
@@ -130,7 +134,8 @@ impl RunPlan {
             n => n as usize,
         };
         let data = data_plan(&config)?;
-        let model = model_plan(&config)?;
+        let model = model_plan(&config, &data)?;
+        let diffusion = diffusion_plan(&config)?;
         let train = train_plan(&config, &data)?;
         let unlearn = unlearn_plan(&config)?;
         let sfron = sfron_plan(&config, &unlearn)?;
@@ -168,6 +173,7 @@ impl RunPlan {
             sfron,
             baselines,
             eval: raw.eval.clone(),
+            diffusion,
             study: raw.study.clone(),
             run_dir: PathBuf::from(&raw.run.root).join(name),
             seed: raw.run.seed,
@@ -635,7 +641,7 @@ fn baselines_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<Baseli
     })
 }
 
-fn model_plan(config: &LoadedConfig) -> Result<ModelPlan, ConfigError> {
+fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, ConfigError> {
     let m = &config.raw.model;
     if !(m.width.is_finite() && m.width > 0.0 && m.width <= 16.0) {
         return Err(config.key_error(
@@ -656,6 +662,31 @@ fn model_plan(config: &LoadedConfig) -> Result<ModelPlan, ConfigError> {
             ),
         )
     })?;
+    let arch = match arch {
+        Arch::Unet(_) => {
+            let u = &m.unet;
+            let [_, height, width] = data.train_transform.shape;
+            if height != width {
+                return Err(config.key_error(
+                    "model.arch",
+                    format!("ddpm_unet takes square images; the data's are {height}x{width}"),
+                ));
+            }
+            let spec = UnetSpec {
+                ch: u.ch,
+                ch_mult: u.ch_mult.clone(),
+                num_res_blocks: u.num_res_blocks,
+                attn_resolutions: u.attn_resolutions.clone(),
+                dropout: u.dropout,
+                resolution: height as i64,
+                resamp_with_conv: u.resamp_with_conv,
+            };
+            spec.check()
+                .map_err(|e| config.key_error("model.unet", e))?;
+            Arch::Unet(spec)
+        }
+        other => other,
+    };
     Ok(ModelPlan {
         arch,
         init: (!m.init.trim().is_empty()).then(|| PathBuf::from(&m.init)),
@@ -664,6 +695,30 @@ fn model_plan(config: &LoadedConfig) -> Result<ModelPlan, ConfigError> {
             explicit: config.origin("model.batchnorm") != super::DEFAULT_ORIGIN,
         },
     })
+}
+
+fn diffusion_plan(config: &LoadedConfig) -> Result<DiffusionSection, ConfigError> {
+    let d = &config.raw.diffusion;
+    if d.timesteps < 1 {
+        return Err(config.key_error("diffusion.timesteps", "must be at least 1"));
+    }
+    for (key, v) in [
+        ("diffusion.beta_start", d.beta_start),
+        ("diffusion.beta_end", d.beta_end),
+    ] {
+        if !(v > 0.0 && v < 1.0) {
+            return Err(config.key_error(key, format!("{v}: a variance in (0, 1)")));
+        }
+    }
+    for (key, v) in [
+        ("diffusion.cond_drop", d.cond_drop),
+        ("diffusion.ema_decay", d.ema_decay),
+    ] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(config.key_error(key, format!("{v}: use [0, 1)")));
+        }
+    }
+    Ok(d.clone())
 }
 
 fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, ConfigError> {
@@ -769,6 +824,12 @@ fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {
         TransformName::Cifar10Released => Transform::cifar10_released(train),
         TransformName::Cifar100 => Transform::cifar(train, true),
         TransformName::ImageNet => Transform::imagenet(train),
+        TransformName::Diffusion => {
+            Transform::diffusion(crate::data::default_transform(format, false).shape, false)
+        }
+        TransformName::DiffusionFlip => {
+            Transform::diffusion(crate::data::default_transform(format, false).shape, train)
+        }
     };
     let fixed_size = matches!(format, Format::Mnist | Format::Cifar10 | Format::Cifar100);
     let train_transform = pick(true);

@@ -49,6 +49,7 @@ pub struct RawConfig {
     pub log: LogSection,
     pub data: DataSection,
     pub model: ModelSection,
+    pub diffusion: DiffusionSection,
     pub train: TrainSection,
     pub checkpoint: CheckpointSection,
     pub unlearn: UnlearnSection,
@@ -232,6 +233,11 @@ string_enum! {
         Cifar10Released => "cifar10_released",
         Cifar100 => "cifar100",
         ImageNet => "imagenet",
+        /// Pixels rescaled to [−1, 1], nothing else (a denoiser's data).
+        Diffusion => "diffusion",
+        /// [−1, 1] with a random horizontal flip in training (the
+        /// release's CIFAR-10 DDPM data).
+        DiffusionFlip => "diffusion_flip",
     }
 }
 
@@ -286,7 +292,7 @@ impl Default for DataSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// mnist_cnn | mnist_cnn_bn | resnet18_cifar | resnet18 | resnet50.
+    /// mnist_cnn | mnist_cnn_bn | resnet18_cifar | resnet18 | resnet50 | ddpm_unet.
     pub arch: String,
     /// Width multiplier of `resnet18_cifar` (1.0 = 64 base channels).
     pub width: f64,
@@ -294,6 +300,8 @@ pub struct ModelSection {
     pub init: String,
     /// Which batch BatchNorm normalises by in train mode.
     pub batchnorm: BatchNormMode,
+    /// The shape of `ddpm_unet`.
+    pub unet: UnetSection,
 }
 
 impl Default for ModelSection {
@@ -303,6 +311,73 @@ impl Default for ModelSection {
             width: 1.0,
             init: String::new(),
             batchnorm: BatchNormMode::Global,
+            unet: UnetSection::default(),
+        }
+    }
+}
+
+/// `ddpm_unet`'s shape, the release's `model` keys (defaults: its CIFAR-10
+/// UNet, `DDPM/configs/cifar10_*.yml`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnetSection {
+    pub ch: i64,
+    pub ch_mult: Vec<i64>,
+    pub num_res_blocks: i64,
+    pub attn_resolutions: Vec<i64>,
+    pub dropout: f64,
+    pub resamp_with_conv: bool,
+}
+
+impl Default for UnetSection {
+    fn default() -> Self {
+        UnetSection {
+            ch: 128,
+            ch_mult: vec![1, 2, 2, 2],
+            num_res_blocks: 2,
+            attn_resolutions: vec![16],
+            dropout: 0.1,
+            resamp_with_conv: true,
+        }
+    }
+}
+
+string_enum! {
+    /// How β_t runs from `beta_start` to `beta_end`.
+    BetaSchedule {
+        Linear => "linear",
+        /// Linear in √β.
+        Quad => "quad",
+    }
+}
+
+/// The diffusion process of a denoiser (defaults: the release's
+/// `diffusion` and `model` keys for CIFAR-10).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionSection {
+    pub beta_schedule: BetaSchedule,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// T.
+    pub timesteps: i64,
+    /// Share of training rows whose class is replaced by the null class
+    /// (classifier-free guidance; `cond_drop_prob`).
+    pub cond_drop: f64,
+    /// Decay of the EMA of the weights kept for sampling (`ema_rate` of
+    /// the pretraining config; 0 keeps no EMA).
+    pub ema_decay: f64,
+}
+
+impl Default for DiffusionSection {
+    fn default() -> Self {
+        DiffusionSection {
+            beta_schedule: BetaSchedule::Linear,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+            timesteps: 1000,
+            cond_drop: 0.1,
+            ema_decay: 0.9999,
         }
     }
 }

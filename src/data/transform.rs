@@ -87,6 +87,23 @@ impl Transform {
         }
     }
 
+    /// A denoiser's data (the release's `data_transform` with `rescaled`):
+    /// pixels `x` in [0, 1] become `2x − 1` (mean 0.5, std 0.5), with a
+    /// random horizontal flip when `flip`; images of `shape`.
+    pub fn diffusion(shape: [usize; 3], flip: bool) -> Self {
+        let channels = shape[0];
+        Transform {
+            recipe: if flip {
+                Recipe::PadCropFlip { pad: 0 }
+            } else {
+                Recipe::Normalize
+            },
+            mean: vec![0.5; channels],
+            std: vec![0.5; channels],
+            shape,
+        }
+    }
+
     /// [`Transform::cifar`] of CIFAR-10 with the released normalisation, so
     /// that weights trained by the released code evaluate as they did there.
     pub fn cifar10_released(train: bool) -> Self {

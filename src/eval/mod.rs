@@ -340,7 +340,12 @@ pub fn load_model(
 ) -> Result<(Model, String)> {
     let bytes = weights::read(path)?;
     let digest = weights::identify(&bytes, path)?;
-    let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
+    let mut model = Model::new(
+        plan.model.arch.clone(),
+        inputs.in_channels,
+        inputs.classes,
+        device,
+    );
     model.load_bytes(&bytes, path)?;
     model
         .set_compute(plan.compute())

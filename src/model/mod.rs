@@ -9,24 +9,26 @@ pub mod convert;
 pub mod layout;
 pub mod norm;
 mod torch_pickle;
+pub mod unet;
 pub mod weights;
 pub mod zoo;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::raw::Precision;
 pub use layout::Compute;
 pub use weights::WeightsError;
-pub use zoo::Arch;
+use zoo::Net;
+pub use zoo::{Arch, Task};
 
 pub struct Model {
     pub arch: Arch,
     pub vs: nn::VarStore,
-    net: Box<dyn ModuleT>,
+    net: Net,
     pub in_channels: i64,
     pub classes: i64,
     compute: Compute,
@@ -119,22 +121,55 @@ impl Model {
         });
     }
 
-    /// Logits `[N, classes]` of `xs` `[N, C, H, W]`, in fp32 whatever the
-    /// precision; `train` selects BatchNorm's mode.
-    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+    /// What the network computes.
+    pub fn task(&self) -> Task {
+        self.arch.task()
+    }
+
+    /// Runs `f` on `xs` in the model's layout and precision; fp32 out.
+    fn compute_t(&self, xs: &Tensor, f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
         let xs = if self.compute.channels_last {
             layout::to_channels_last(xs)
         } else {
             xs.shallow_clone()
         };
-        let logits = match self.compute.precision {
-            Precision::Fp32 => self.net.forward_t(&xs, train),
+        match self.compute.precision {
+            Precision::Fp32 => f(&xs),
             Precision::Bf16 => {
                 let _bf16 =
                     layout::Autocast::bf16(xs.device()).expect("checked by Model::set_compute");
-                self.net.forward_t(&xs, train).to_kind(Kind::Float)
+                f(&xs).to_kind(Kind::Float)
             }
+        }
+    }
+
+    /// The predicted noise of a denoiser (see [`unet::Unet::forward`]), in
+    /// fp32 whatever the precision. Panics on a classifier: commands check
+    /// the task when they read the configuration.
+    pub fn denoise(&self, xs: &Tensor, cond: &unet::Cond, dropout: &unet::Dropout) -> Tensor {
+        let Net::Denoiser(unet) = &self.net else {
+            panic!("{} is not a denoiser", self.arch.name())
         };
+        self.compute_t(xs, |x| unet.forward(x, cond, dropout))
+    }
+
+    /// The `[C, H, W]` of the images a denoiser generates (`None` for a
+    /// classifier).
+    pub fn image_shape(&self) -> Option<[i64; 3]> {
+        match &self.net {
+            Net::Denoiser(unet) => Some([self.in_channels, unet.resolution(), unet.resolution()]),
+            Net::Classifier(_) => None,
+        }
+    }
+
+    /// Logits `[N, classes]` of `xs` `[N, C, H, W]`, in fp32 whatever the
+    /// precision; `train` selects BatchNorm's mode. Panics on a denoiser:
+    /// commands check the task when they read the configuration.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let Net::Classifier(net) = &self.net else {
+            panic!("{} is not a classifier", self.arch.name())
+        };
+        let logits = self.compute_t(xs, |x| net.forward_t(x, train));
         match &self.noise {
             None => logits,
             Some(noise) => {

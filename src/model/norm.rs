@@ -63,7 +63,7 @@ impl NormSync {
 /// Records `model.batchnorm` in a recipe (`recipe["model"]["batchnorm"]`)
 /// when `arch` has BatchNorm; it changes nothing otherwise, and the recipes
 /// of models without stay as they were.
-pub fn add_to_recipe(recipe: &mut serde_json::Value, arch: Arch, mode: BatchNormMode) {
+pub fn add_to_recipe(recipe: &mut serde_json::Value, arch: &Arch, mode: BatchNormMode) {
     if arch.has_batch_norm() {
         recipe["model"]["batchnorm"] = serde_json::json!(mode.as_str());
     }

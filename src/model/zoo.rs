@@ -9,23 +9,56 @@
 //!   `round(64 · width)`.
 //! - `resnet18`, `resnet50`: torchvision's (7×7 stride-2 conv, max-pool,
 //!   BasicBlocks [2, 2, 2, 2] / Bottlenecks [3, 4, 6, 3], `downsample.0/1`).
+//! - `ddpm_unet`: the SFR-on authors' class-conditional DDPM UNet, a
+//!   denoiser rather than a classifier ([`super::unet`]; its shape is
+//!   `[model.unet]`).
 
 use tch::Tensor;
 use tch::nn::{self, ModuleT};
 
 use super::norm::{BatchNorm, NormSync, batch_norm2d};
+use super::unet::{Unet, UnetSpec};
 
 /// Architectures of the zoo.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Arch {
     MnistCnn { batch_norm: bool },
     Resnet18Cifar { width: f64 },
     Resnet18,
     Resnet50,
+    Unet(UnetSpec),
+}
+
+/// What a network computes, which decides its loss, its evaluation and the
+/// commands that take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Logits of an image: cross-entropy, accuracy, MIAs.
+    Classify,
+    /// The noise in a noised image, given its timestep and class: the
+    /// denoising loss, sampling, generation metrics.
+    Denoise,
+}
+
+impl Task {
+    pub fn noun(self) -> &'static str {
+        match self {
+            Task::Classify => "classifier",
+            Task::Denoise => "diffusion model",
+        }
+    }
+}
+
+/// A built network: a classifier's forward pass or the denoiser.
+pub enum Net {
+    Classifier(Box<dyn ModuleT>),
+    Denoiser(Box<Unet>),
 }
 
 impl Arch {
-    /// Parses `mnist_cnn`, `mnist_cnn_bn`, `resnet18_cifar`, `resnet18`, `resnet50`.
+    /// Parses `mnist_cnn`, `mnist_cnn_bn`, `resnet18_cifar`, `resnet18`,
+    /// `resnet50`, `ddpm_unet` (the released shape; the configuration sets
+    /// another).
     pub fn parse(name: &str, width: f64) -> Option<Self> {
         match name {
             "mnist_cnn" => Some(Arch::MnistCnn { batch_norm: false }),
@@ -33,6 +66,7 @@ impl Arch {
             "resnet18_cifar" => Some(Arch::Resnet18Cifar { width }),
             "resnet18" => Some(Arch::Resnet18),
             "resnet50" => Some(Arch::Resnet50),
+            "ddpm_unet" => Some(Arch::Unet(UnetSpec::released())),
             _ => None,
         }
     }
@@ -43,11 +77,19 @@ impl Arch {
         "resnet18_cifar",
         "resnet18",
         "resnet50",
+        "ddpm_unet",
     ];
+
+    pub fn task(&self) -> Task {
+        match self {
+            Arch::Unet(_) => Task::Denoise,
+            _ => Task::Classify,
+        }
+    }
 
     /// Whether the network has BatchNorm layers.
     pub fn has_batch_norm(&self) -> bool {
-        !matches!(self, Arch::MnistCnn { batch_norm: false })
+        !matches!(self, Arch::MnistCnn { batch_norm: false } | Arch::Unet(_))
     }
 
     pub fn name(&self) -> String {
@@ -57,19 +99,17 @@ impl Arch {
             Arch::Resnet18Cifar { width } => format!("resnet18_cifar(width={width})"),
             Arch::Resnet18 => "resnet18".into(),
             Arch::Resnet50 => "resnet50".into(),
+            Arch::Unet(spec) => spec.name(),
         }
     }
 
     /// Builds the network's variables under `root` and returns its forward
     /// pass; its BatchNorm layers normalise as `norm` says.
-    pub fn build(
-        &self,
-        root: &nn::Path,
-        in_channels: i64,
-        classes: i64,
-        norm: &NormSync,
-    ) -> Box<dyn ModuleT> {
-        match *self {
+    pub fn build(&self, root: &nn::Path, in_channels: i64, classes: i64, norm: &NormSync) -> Net {
+        if let Arch::Unet(spec) = self {
+            return Net::Denoiser(Box::new(Unet::new(root, spec, in_channels, classes)));
+        }
+        Net::Classifier(match *self {
             Arch::MnistCnn { batch_norm } => {
                 Box::new(MnistCnn::new(root, in_channels, classes, batch_norm, norm))
             }
@@ -101,7 +141,8 @@ impl Arch {
                 };
                 Box::new(ResNet::new(root, in_channels, classes, shape, norm))
             }
-        }
+            Arch::Unet(_) => unreachable!("built above"),
+        })
     }
 }
 

@@ -48,7 +48,12 @@ impl BadTeacher {
 fn incompetent(s: &Session) -> Result<Model> {
     let seed = Rng::keyed(&[s.plan.seed, tag::TEACHER]).next_u64() >> 1;
     tch::manual_seed(seed as i64);
-    let mut model = Model::new(s.model.arch, s.model.in_channels, s.model.classes, s.device);
+    let mut model = Model::new(
+        s.model.arch.clone(),
+        s.model.in_channels,
+        s.model.classes,
+        s.device,
+    );
     model
         .set_compute(s.model.compute())
         .map_err(anyhow::Error::msg)?;

@@ -276,7 +276,12 @@ pub fn kl_rows(student: &Tensor, teacher_probs: &Tensor, temperature: f64) -> Te
 
 /// A frozen copy of the model's current weights (a teacher), in eval use only.
 pub fn frozen_copy(s: &Session) -> Result<Model> {
-    let mut copy = Model::new(s.model.arch, s.model.in_channels, s.model.classes, s.device);
+    let mut copy = Model::new(
+        s.model.arch.clone(),
+        s.model.in_channels,
+        s.model.classes,
+        s.device,
+    );
     copy.set_compute(s.model.compute())
         .map_err(anyhow::Error::msg)?;
     tch::no_grad(|| {
@@ -318,7 +323,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &s
         "split": inputs.split_hash(),
     });
     crate::model::layout::add_precision(&mut recipe, plan.precision);
-    crate::model::norm::add_to_recipe(&mut recipe, plan.model.arch, plan.model.batchnorm.mode);
+    crate::model::norm::add_to_recipe(&mut recipe, &plan.model.arch, plan.model.batchnorm.mode);
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
 }
 
@@ -422,7 +427,12 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         weights::content_digest(&from_bytes)
             .map_err(|e| anyhow::anyhow!("{} (unlearn.from): {e}", from.display()))?
     );
-    let mut model = Model::new(plan.model.arch, inputs.in_channels, inputs.classes, device);
+    let mut model = Model::new(
+        plan.model.arch.clone(),
+        inputs.in_channels,
+        inputs.classes,
+        device,
+    );
     model.load_bytes(&from_bytes, &from)?;
     model
         .set_compute(plan.compute())

@@ -1,0 +1,110 @@
+//! The denoising loss and its backward pass into the engine.
+
+use tch::{Device, Kind, Tensor};
+
+use super::draws::{Draws, Key, positions};
+use super::schedule::Schedule;
+use crate::data::{Batch, sampler};
+use crate::engine::{Engine, Local};
+use crate::model::Model;
+use crate::model::unet::{Cond, Dropout};
+
+/// What a denoising loss needs besides the model and the batch.
+pub struct Denoising<'a> {
+    pub schedule: &'a Schedule,
+    /// Share of rows trained on the null class (0 in eval-mode losses).
+    pub cond_drop: f64,
+}
+
+/// One rank's rows of a global batch and their draws.
+pub struct Rows {
+    pub x0: Tensor,
+    pub c: Tensor,
+    pub draws: Draws,
+}
+
+impl Rows {
+    /// The rows of `batch` (this rank's share of `global`, the global
+    /// batch's dataset indices), with the draws of `key`.
+    pub fn new(
+        den: &Denoising,
+        key: Key,
+        batch: &Batch,
+        global: &[usize],
+        rank: usize,
+        world: usize,
+        device: Device,
+    ) -> Self {
+        let share = sampler::share(global.len(), rank, world);
+        let pos = positions(global, share, &batch.indices);
+        let size = batch.images.size();
+        let shape = [size[1], size[2], size[3]];
+        let draws = Draws::new(
+            key,
+            &pos,
+            shape,
+            den.schedule.steps(),
+            den.cond_drop,
+            device,
+        );
+        Rows {
+            x0: batch.images.to_device(device),
+            c: batch.labels.to_device(device),
+            draws,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.draws.dropout.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Per-row losses `‖ε − ε_θ(x_t, t, c)‖²` `[N]` (summed over pixels);
+/// `train` turns on condition dropout and the UNet's dropout (keyed per row).
+pub fn per_sample(model: &Model, den: &Denoising, rows: &Rows, train: bool) -> Tensor {
+    let d = &rows.draws;
+    let xt = den.schedule.noised(&rows.x0, &d.t, &d.noise);
+    let keep = (train && den.cond_drop > 0.0).then_some(&d.keep);
+    let cond = Cond {
+        t: &d.t,
+        c: &rows.c,
+        keep,
+    };
+    let dropout = if train {
+        Dropout::Keyed(&d.dropout)
+    } else {
+        Dropout::Off
+    };
+    let eps = model.denoise(&xt, &cond, &dropout);
+    (&d.noise - eps)
+        .square()
+        .sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Float)
+}
+
+/// Back-propagates `scale ×` the *sum* of the rows' losses into `engine`
+/// and returns this rank's statistics (the loss sum unscaled). An empty
+/// share contributes nothing (GroupNorm has no cross-rank state).
+pub fn backward_sum(
+    engine: &mut Engine,
+    model: &Model,
+    den: &Denoising,
+    rows: &Rows,
+    train: bool,
+    scale: f64,
+) -> Local {
+    if rows.is_empty() {
+        return Local::default();
+    }
+    let losses = per_sample(model, den, rows, train);
+    let sum = losses.sum(Kind::Float);
+    engine.backward(&(&sum * scale));
+    Local {
+        loss_sum: sum.double_value(&[]),
+        correct: 0.0,
+        count: rows.len() as f64,
+    }
+}
