@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use crate::cli::{BenchCommand, Cli, Command};
 use crate::comm::{Comm, CommMode};
 use crate::config::{self, Layers, RunPlan};
-use crate::rundir::RunLock;
-use crate::train::{self, Status};
+use crate::rundir::{self, Faults, RunLock, Status};
+use crate::train;
 use crate::{bench, device, doctor, eval, exit, fsx, split, study, telemetry, unlearn};
 
 /// Runs the command and returns the process exit code (see [`crate::exit`]).
@@ -68,7 +68,7 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
     };
     match &cli.command {
         Command::Train(args) => {
-            return train::run(comm, &plan, device, train::Faults::from_args(&args.faults));
+            return train::run(comm, &plan, device, Faults::from_args(&args.faults));
         }
         Command::Unlearn(args) => {
             return unlearn::run(comm, &plan, device, args);
@@ -195,18 +195,9 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
     Ok(Status::Done)
 }
 
-/// Saves the resolved configuration as `config.toml` in the run folder
-/// (rank 0's job; it loads back with `--config`).
-pub fn save_config(plan: &RunPlan) -> Result<()> {
-    let resolved = plan.config.resolved_toml();
-    let config_path = plan.run_dir.join("config.toml");
-    fsx::write_atomic(&config_path, resolved.as_bytes())
-        .with_context(|| format!("writing {}", config_path.display()))
-}
-
 /// Rank 0 saves the resolved configuration, and `files`, in the run folder.
 fn save_run_files(plan: &RunPlan, files: &[(&str, &[u8])]) -> Result<()> {
-    save_config(plan)?;
+    rundir::save_config(plan)?;
     for (name, bytes) in files {
         let path = plan.run_dir.join(name);
         fsx::write_atomic(&path, bytes).with_context(|| format!("writing {}", path.display()))?;

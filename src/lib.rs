@@ -17,7 +17,10 @@
 //!   unlearn` (SFR-on in [`unlearn::sfron`]); [`eval`]: `sfron eval`
 //!   (per-example outputs, metrics, MIAs); [`study`]: `sfron study` (the
 //!   whole pipeline, stage reuse, the report).
-//! - [`fsx`]: atomic file writes; [`rundir`]: a run folder's exclusive lock.
+//! - [`fsx`]: atomic file writes; [`rundir`]: what a run folder is (files,
+//!   status, run state, recipe hash, checkpoints in and out, its lock),
+//!   below every command.
+//! - [`diffusion`]: the denoising task (schedule, draws, loss, samplers).
 //!
 //! Threading rule: MPI is initialised once, in [`app::run`], and only the main
 //! thread calls [`comm::Comm`]. tokio tasks and worker threads never call MPI;

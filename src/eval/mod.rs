@@ -28,7 +28,7 @@ use crate::data::{Batch, Loader};
 use crate::engine::correct;
 use crate::inputs::Inputs;
 use crate::model::{Model, weights};
-use crate::train::Status;
+use crate::rundir::{Status, save_config};
 pub use examples::{Examples, Subset};
 pub use metrics::{Gap, Metrics};
 
@@ -437,7 +437,7 @@ pub fn evaluate_files(
     };
     std::fs::create_dir_all(&plan.run_dir)
         .with_context(|| format!("creating {}", plan.run_dir.display()))?;
-    crate::app::save_config(plan)?;
+    save_config(plan)?;
     let mut meta = BTreeMap::new();
     meta.insert("sfron.model".into(), evaluation.model_digest.clone());
     meta.insert("sfron.split".into(), evaluation.split.clone());

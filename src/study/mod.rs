@@ -36,8 +36,8 @@ use crate::eval::{self, Evaluation, Examples};
 use crate::fsx::{sha256_hex, write_atomic};
 use crate::inputs::Inputs;
 use crate::model::weights;
-use crate::rundir::{self, RunLock};
-use crate::train::{self, MODEL_FILE, Status};
+use crate::rundir::{self, Faults, MODEL_FILE, RunLock, Status};
+use crate::train;
 use crate::unlearn;
 pub use report::{Row, Summary};
 
@@ -175,7 +175,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
         }
         for (what, path) in chosen_by_test {
             let (_, meta) = weights::load(&path)?;
-            if meta.get(train::SELECTED_BY).map(String::as_str) == Some("test") {
+            if meta.get(rundir::SELECTED_BY).map(String::as_str) == Some("test") {
                 notes.push(format!(
                     "{what} ({}) kept the epoch of its best test accuracy \
                      (train.select = \"test\", as the released code does): its TA, and the \
@@ -252,13 +252,13 @@ fn train_stage(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
     } else {
         "train"
     };
-    let key = format!("{command}:{}", train::recipe_hash(plan, &inputs, command));
+    let key = format!("{command}:{}", rundir::recipe_hash(plan, &inputs, command));
     let outputs = [MODEL_FILE, "train.json"];
     let (done, _lock) = begin(comm, &plan.run_dir, &key, &outputs)?;
     if done {
         return Ok(Status::Done);
     }
-    let faults = train::Faults::from_args(&crate::cli::FaultArgs::default());
+    let faults = Faults::default();
     let status = train::run(comm, plan, device, faults)?;
     if status == Status::Done {
         finish(comm, &plan.run_dir, &key, &outputs)?;

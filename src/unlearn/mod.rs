@@ -42,7 +42,7 @@ use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
 use crate::model::{Model, weights};
-use crate::train::{self, Faults, MODEL_FILE, RunState, STATE_FILE, Status};
+use crate::rundir::{self, Faults, MODEL_FILE, RunState, STATE_FILE, Status};
 pub use epochs::{Budget, Program};
 
 /// One of the two data streams of an unlearning run.
@@ -480,10 +480,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     // A checkpoint is read and checked before any work; its weights are
     // put in place after the method has prepared on the original ones.
     let mut resumed = None;
-    if let Some(restored) = train::restore_everywhere(comm, plan)? {
+    if let Some(restored) = rundir::restore_everywhere(comm, plan)? {
         let original = (s.engine.param_copies(), s.engine.buffer_copies());
         let (saved, tensors) =
-            train::load_checkpoint(&restored, &s.model, &recipe, &split, &command)?;
+            rundir::load_checkpoint(&restored, &s.model, &recipe, &split, &command)?;
         let params: Vec<Tensor> = s.engine.params.iter().map(Tensor::shallow_clone).collect();
         s.engine
             .optimizer
@@ -511,7 +511,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         },
     };
 
-    let mut checkpoints = train::open_run_dir(comm, plan, &s.inputs)?;
+    let mut checkpoints = rundir::open_run_dir(comm, plan, &s.inputs)?;
     if comm.is_root()
         && let Some(path) = &args.trace
     {
@@ -635,7 +635,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             state.elapsed_s = base_seconds + started.elapsed().as_secs_f64();
             fill_state(&s, &mut state);
             if let Some(c) = checkpoints.as_mut() {
-                c.save(t, train::checkpoint_files(&s.model, &s.engine, &state)?)?;
+                c.save(t, rundir::checkpoint_files(&s.model, &s.engine, &state)?)?;
                 if stop {
                     c.wait()?;
                 }
@@ -674,7 +674,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     };
     if comm.is_root() {
         let out = plan.run_dir.join(MODEL_FILE);
-        let mut meta = train::final_meta(&state, &s.model, end);
+        let mut meta = rundir::final_meta(&state, &s.model, end);
         meta.insert("sfron.from".into(), s.from_hash.clone());
         s.model.save(&out, meta)?;
         let summary = json!({
