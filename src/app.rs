@@ -9,7 +9,7 @@ use crate::comm::{Comm, CommMode};
 use crate::config::{self, Layers, RunPlan};
 use crate::rundir::{self, Faults, RunLock, Status};
 use crate::train;
-use crate::{bench, device, doctor, eval, exit, fsx, split, study, telemetry, unlearn};
+use crate::{bench, device, doctor, eval, exit, fsx, sample, split, study, telemetry, unlearn};
 
 /// Runs the command and returns the process exit code (see [`crate::exit`]).
 pub fn run(cli: Cli) -> i32 {
@@ -53,6 +53,7 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
         }
         return Ok(Status::Done);
     }
+    require_task(&plan, &cli.command)?;
     let span = telemetry::init(&plan.log, comm.rank());
     let _entered = span.enter();
     let device = device::select(&plan)?;
@@ -79,6 +80,9 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
         Command::Study(_) => {
             return study::run(comm, &plan, &layers, device);
         }
+        Command::Sample(_) => {
+            return sample::run(comm, &plan, device);
+        }
         Command::Doctor(args) => {
             let report = doctor::run(comm, &plan, device, args)?;
             if comm.is_root() {
@@ -100,12 +104,17 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
         }
         Command::Convert(args) => {
             if comm.is_root() {
-                let model = crate::model::convert::released(&args.checkpoint, plan.model.arch)?;
+                let model =
+                    crate::model::convert::released(&args.checkpoint, plan.model.arch, args.ema)?;
                 let mut meta = std::collections::BTreeMap::new();
                 meta.insert(
                     "sfron.converted_from".into(),
                     args.checkpoint.display().to_string(),
                 );
+                if args.ema {
+                    // Marks the file as EMA weights for `sample` and `eval`.
+                    meta.insert(rundir::EMA_DECAY.into(), "released".into());
+                }
                 model.save(&args.out, meta)?;
                 println!(
                     "{}: {} with {} classes, converted from the released {}",
@@ -193,6 +202,37 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
         }
     }
     Ok(Status::Done)
+}
+
+/// Refuses a command that does not take the configured model's task
+/// (a diffusion model given to a classifier command, or the reverse),
+/// before anything is written.
+fn require_task(plan: &RunPlan, command: &Command) -> Result<()> {
+    use crate::model::Task;
+    let task = plan.model.arch.task();
+    let takes: &[Task] = match command {
+        Command::Train(_) | Command::Doctor(_) | Command::Split(_) => {
+            &[Task::Classify, Task::Denoise]
+        }
+        Command::Sample(_) => &[Task::Denoise],
+        Command::Eval(_) | Command::Unlearn(_) => &[Task::Classify, Task::Denoise],
+        Command::Convert(_) => &[Task::Classify, Task::Denoise],
+        _ => &[Task::Classify],
+    };
+    if !takes.contains(&task) {
+        anyhow::bail!(
+            "sfron {} takes a {}, and model.arch = {} is a {}",
+            command.name(),
+            takes
+                .iter()
+                .map(|t| t.noun())
+                .collect::<Vec<_>>()
+                .join(" or "),
+            plan.model.arch.name(),
+            task.noun()
+        );
+    }
+    Ok(())
 }
 
 /// Rank 0 saves the resolved configuration, and `files`, in the run folder.

@@ -73,6 +73,7 @@ impl Command {
             Command::Unlearn(_) => "unlearn",
             Command::Eval(_) => "eval",
             Command::Study(_) => "study",
+            Command::Sample(_) => "sample",
             Command::Convert(_) => "convert",
             Command::Bench(_) => "bench",
         }
@@ -107,6 +108,11 @@ impl Command {
                 sets
             }
             Command::Study(a) => a.more.sets.clone(),
+            Command::Sample(a) => {
+                let mut sets = a.more.sets.clone();
+                sets.extend(a.shorthand_sets());
+                sets
+            }
         }
     }
 }
@@ -153,6 +159,11 @@ pub enum Command {
     /// `--reference RETRAIN` the KL/JS and the gaps to it); writes
     /// `eval.json` and the per-example `examples.safetensors`.
     Eval(EvalArgs),
+    /// Generate images with a diffusion model (`[sample]`): per class,
+    /// seeded, sharded across ranks (the same images for any rank count);
+    /// rank 0 writes `samples.safetensors` (uint8 images and labels) and
+    /// `grid.png` to the run folder.
+    Sample(SampleArgs),
     /// The whole study from one config: split, original, Retrain, every
     /// method of `study.methods` per seed of `study.seeds`, evaluations and
     /// the report. Stages whose outputs exist and match are reused.
@@ -161,7 +172,8 @@ pub enum Command {
     /// (torch.save of their CIFAR ResNet-18's state_dict, or a dict holding
     /// it under "state_dict") to sfron's safetensors: `shortcut` becomes
     /// `downsample`, `linear` becomes `fc`. The model is `model.arch`
-    /// (resnet18_cifar); nothing is written unless every tensor fits.
+    /// (resnet18_cifar, or ddpm_unet for the DDPM release's ckpt.pth, with
+    /// --ema for its EMA weights); nothing is written unless every tensor fits.
     Convert(ConvertArgs),
     /// Measure a part of sfron (rates, printed as JSON lines).
     #[command(subcommand)]
@@ -391,6 +403,49 @@ pub struct EvalArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// Shorthand for `--set sample.from=PATH`: a weights file or a run folder.
+    #[arg(long, value_name = "PATH")]
+    pub from: Option<PathBuf>,
+    /// Shorthand for `--set sample.weights=...`: a run folder's `ema` or `raw` weights.
+    #[arg(long, value_parser = PossibleValuesParser::new(crate::config::raw::SampleWeights::NAMES))]
+    pub weights: Option<String>,
+    /// Shorthand for `--set sample.per_class=N`.
+    #[arg(long, value_name = "N")]
+    pub per_class: Option<u64>,
+    /// Shorthand for `--set sample.guidance=W`.
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    pub guidance: Option<f64>,
+    /// Shorthand for `--set sample.steps=N`.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub steps: Option<i64>,
+}
+
+impl SampleArgs {
+    pub fn shorthand_sets(&self) -> Vec<String> {
+        let mut sets = Vec::new();
+        if let Some(p) = &self.from {
+            sets.push(format!("sample.from={}", p.display()));
+        }
+        if let Some(w) = &self.weights {
+            sets.push(format!("sample.weights={w}"));
+        }
+        if let Some(n) = self.per_class {
+            sets.push(format!("sample.per_class={n}"));
+        }
+        if let Some(w) = self.guidance {
+            sets.push(format!("sample.guidance={w:?}"));
+        }
+        if let Some(n) = self.steps {
+            sets.push(format!("sample.steps={n}"));
+        }
+        sets
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct StudyArgs {
     #[command(flatten)]
     pub more: MoreSets,
@@ -419,6 +474,10 @@ pub struct ConvertArgs {
     /// Where to write the safetensors weights.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// A DDPM checkpoint's EMA weights (the last state_dict of its list)
+    /// instead of its model's.
+    #[arg(long)]
+    pub ema: bool,
 }
 
 #[derive(Debug, Args)]

@@ -18,18 +18,22 @@ use crate::comm::Comm;
 use crate::config::RunPlan;
 use crate::config::raw::Select;
 use crate::data::{BatchStream, Cursor, Sampler, Stream};
+use crate::diffusion::draws::Purpose;
 use crate::engine::checkpoint::Checkpointer;
+use crate::engine::ema::{EMA_FILE, Ema};
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
-use crate::engine::{Edit, Engine, Optimizer, Scale, Window, backward_ce_sum, schedule};
+use crate::engine::{Edit, Engine, Optimizer, Scale, Window, schedule};
 use crate::eval;
 use crate::inputs::Inputs;
-use crate::model::Model;
+use crate::model::{Model, Task, weights};
 use crate::rng::{Rng, tag};
 use crate::rundir::{
-    Faults, MODEL_FILE, RunState, SELECTED_BY, STATE_FILE, Status, checkpoint_files, final_meta,
-    load_checkpoint, open_run_dir, recipe_hash, restore_everywhere,
+    EMA_DECAY, Faults, MODEL_FILE, RunState, SELECTED_BY, STATE_FILE, Status, checkpoint_ema,
+    checkpoint_files, ema_for, final_meta, load_checkpoint, open_run_dir, recipe_hash,
+    restore_everywhere,
 };
+use crate::task::TaskLoss;
 
 /// Splits `members` into (train, validation) by a seeded draw of `fraction`.
 fn hold_out(members: Vec<usize>, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
@@ -94,8 +98,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         world_size: comm.size(),
         ..RunState::default()
     };
-    if let Some(restored) = restore_everywhere(comm, plan)? {
-        let (saved, tensors) = load_checkpoint(&restored, &model, &recipe, &split, command)?;
+    let restored = restore_everywhere(comm, plan)?;
+    if let Some(restored) = &restored {
+        let (saved, tensors) = load_checkpoint(restored, &model, &recipe, &split, command)?;
         let params: Vec<Tensor> = engine.params.iter().map(Tensor::shallow_clone).collect();
         engine
             .optimizer
@@ -118,6 +123,17 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     }
     // Rank 0 is the authority: every rank starts from its state.
     let _ = engine.broadcast_state()?;
+    let decay = plan.diffusion.ema_decay;
+    let keeps_ema = model.task() == Task::Denoise && decay > 0.0;
+    let start = match &restored {
+        Some(r) if keeps_ema => Some(checkpoint_ema(r)?),
+        _ => None,
+    };
+    let start = start.as_ref().map(|(p, b)| (p.as_path(), *b));
+    let mut ema = ema_for(&model, decay, start)?;
+    drop(restored);
+    let task_loss = TaskLoss::new(plan, &model, device);
+    let task = task_loss.task();
 
     let mut sampler = Sampler::new(
         members.clone(),
@@ -170,20 +186,25 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     let mut window = (Instant::now(), Window::default());
     while step < end {
         let t0 = Instant::now();
+        let global = stream.next_global();
         let batch = stream.next_batch()?;
         engine.zero_grad();
-        let local = backward_ce_sum(&mut engine, &model, &batch, device, true);
+        let key = (Purpose::Train, step);
+        let local = task_loss.backward_sum(&mut engine, &model, &batch, &global, key, true);
         faults.before_reduce(comm.rank(), step, &engine);
         let lr = schedule::rate(&t.schedule, t.lr, step, total, t.warmup_steps, per_epoch);
         let mut out = engine.reduce(local, Scale::MeanOverCount)?;
         let what = format!("step {step}");
-        if let Err(e) = engine.finish(&mut out, &Edit::default(), lr, &what) {
+        let edit = Edit {
+            clip: t.clip,
+            ..Edit::default()
+        };
+        if let Err(e) = engine.finish(&mut out, &edit, lr, &what) {
             // Weights and optimizer are the last good step's: keep them.
             state.step = step;
             finish_checkpoint(
                 comm,
-                &model,
-                &engine,
+                (&model, &engine, ema.as_ref()),
                 &mut state,
                 stream.cursor(),
                 checkpoints.as_mut(),
@@ -192,6 +213,11 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         }
         step += 1;
         faults.after_step(comm.rank(), step - 1, &engine.params);
+        if let Some(ema) = ema.as_mut()
+            && out.applied
+        {
+            ema.update(&engine.params);
+        }
         let dt = t0.elapsed().as_secs_f64();
         window.1.add(&out);
         if step.is_multiple_of(t.log_every) || step == end {
@@ -199,16 +225,20 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
             let w = &window.1;
             let (loss, acc) = (w.loss().unwrap_or(0.0), w.acc().unwrap_or(0.0));
             let images_per_s = w.count / secs.max(1e-9);
-            let rec = json!({
+            let mut rec = json!({
                 "event": "step", "step": step, "epoch": (step - 1) / per_epoch, "lr": lr,
-                "loss": loss, "acc": acc, "images_per_s": images_per_s, "step_ms": 1e3 * dt,
+                "loss": loss, "images_per_s": images_per_s, "step_ms": 1e3 * dt,
                 "grad_norm": w.grad_norm().unwrap_or(0.0),
                 "skipped": engine.skips_total,
             });
-            progress.show(
-                step,
-                &format!("loss {loss:.4} acc {acc:.2}% lr {lr:.4} {images_per_s:.0} img/s"),
-            );
+            let shown = match task {
+                Task::Classify => {
+                    rec["acc"] = json!(acc);
+                    format!("loss {loss:.4} acc {acc:.2}% lr {lr:.4} {images_per_s:.0} img/s")
+                }
+                Task::Denoise => format!("loss {loss:.4} lr {lr:.6} {images_per_s:.0} img/s"),
+            };
+            progress.show(step, &shown);
             progress.record(rec)?;
             window = (Instant::now(), Window::default());
         }
@@ -218,10 +248,12 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         let epoch_end = step.is_multiple_of(per_epoch);
         let epoch = step.div_ceil(per_epoch);
         // Choosing an epoch (train.select) needs every epoch's score.
-        let eval_now = step == end
-            || (epoch_end
-                && (t.select != Select::Last
-                    || (t.eval_every > 0 && epoch.is_multiple_of(t.eval_every as u64))));
+        // A denoiser has no accuracy: its loss is logged above.
+        let eval_now = task == Task::Classify
+            && (step == end
+                || (epoch_end
+                    && (t.select != Select::Last
+                        || (t.eval_every > 0 && epoch.is_multiple_of(t.eval_every as u64)))));
         if eval_now {
             let test = eval::score(
                 comm,
@@ -272,8 +304,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
             if out.stop {
                 finish_checkpoint(
                     comm,
-                    &model,
-                    &engine,
+                    (&model, &engine, ema.as_ref()),
                     &mut state,
                     stream.cursor(),
                     checkpoints.as_mut(),
@@ -287,7 +318,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
             }
             if let Some(c) = checkpoints.as_mut() {
                 fill_state(&engine, &mut state, stream.cursor());
-                c.save(step, checkpoint_files(&model, &engine, &state)?)?;
+                c.save(
+                    step,
+                    checkpoint_files(&model, &engine, &state, ema.as_ref())?,
+                )?;
             }
         }
     }
@@ -322,6 +356,11 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
                 json!({"by": "last", "step": step})
             }
         };
+        if let Some(ema) = &ema {
+            let mut meta = final_meta(&state, &model, step);
+            meta.insert(EMA_DECAY.into(), ema.decay().to_string());
+            weights::save(&plan.run_dir.join(EMA_FILE), &ema.state(&model), &meta)?;
+        }
         let summary = json!({
             "command": command, "steps": end, "ranks": comm.size(),
             "seconds": base_seconds + started.elapsed().as_secs_f64(),
@@ -359,15 +398,14 @@ fn fill_state(engine: &Engine, state: &mut RunState, cursor: Cursor) {
 /// Writes a checkpoint now and waits until it is complete on every rank.
 fn finish_checkpoint(
     comm: &Comm,
-    model: &Model,
-    engine: &Engine,
+    (model, engine, ema): (&Model, &Engine, Option<&Ema>),
     state: &mut RunState,
     cursor: Cursor,
     checkpoints: Option<&mut Checkpointer>,
 ) -> Result<()> {
     fill_state(engine, state, cursor);
     if let Some(c) = checkpoints {
-        c.save(state.step, checkpoint_files(model, engine, state)?)?;
+        c.save(state.step, checkpoint_files(model, engine, state, ema)?)?;
         if let Some(dir) = c.wait()? {
             tracing::info!(dir = %dir.display(), "checkpoint written");
         }

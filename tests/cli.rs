@@ -86,6 +86,39 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     );
 }
 
+/// Every shipped preset resolves into a plan (values in range, keys known,
+/// a diffusion preset's transform and UNet shape accepted) and names an
+/// architecture of the zoo.
+#[test]
+fn every_shipped_preset_resolves() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let root = temp_dir("preset");
+        let out = sfron(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--set",
+            &format!("run.root={}", root.display()),
+            "train",
+            "--dry-run",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            path.display(),
+            text(&out.stderr)
+        );
+        seen += 1;
+    }
+    assert!(seen >= 6, "{seen} presets");
+}
+
 #[test]
 fn bad_config_exits_2_naming_file_and_key() {
     let dir = temp_dir("bad");

@@ -23,8 +23,8 @@ const REFERENCE: &str = concat!(
 
 /// The shapes tested: a CIFAR-like three-level UNet with attention at
 /// 8×8 and convolutional resampling, and an MNIST-like two-level one at
-/// 28×28 with one block per level, attention at the top level and pooling
-/// resamplers.
+/// 28×28 with 16 channels in 8 groups, one block per level, attention at
+/// the top level and pooling resamplers.
 fn specs() -> Vec<(UnetSpec, i64, i64)> {
     vec![
         (
@@ -36,19 +36,21 @@ fn specs() -> Vec<(UnetSpec, i64, i64)> {
                 dropout: 0.1,
                 resolution: 16,
                 resamp_with_conv: true,
+                groups: 32,
             },
             3,
             10,
         ),
         (
             UnetSpec {
-                ch: 32,
+                ch: 16,
                 ch_mult: vec![1, 2],
                 num_res_blocks: 1,
                 attn_resolutions: vec![28],
                 dropout: 0.0,
                 resolution: 28,
                 resamp_with_conv: false,
+                groups: 8,
             },
             1,
             10,
@@ -60,7 +62,8 @@ fn spec_json(spec: &UnetSpec, channels: i64, classes: i64) -> String {
     serde_json::json!({
         "ch": spec.ch, "ch_mult": spec.ch_mult, "num_res_blocks": spec.num_res_blocks,
         "attn_resolutions": spec.attn_resolutions, "resolution": spec.resolution,
-        "resamp_with_conv": spec.resamp_with_conv, "channels": channels, "classes": classes,
+        "resamp_with_conv": spec.resamp_with_conv, "groups": spec.groups,
+        "channels": channels, "classes": classes,
     })
     .to_string()
 }
@@ -196,6 +199,252 @@ fn the_unet_gives_pytorchs_outputs_on_the_same_weights_both_ways() {
         println!(
             "{}: relative differences {diff:e} / guided {gdiff:e} / reverse {rel:e} (allowed {allowed:e})",
             spec.name()
+        );
+    }
+}
+
+/// The Fréchet distance against pytorch-fid's formula (scipy's `sqrtm`) on
+/// fixed features: two sets of 64-dimensional features with unlike
+/// covariances (one a random linear map of the other's distribution, one
+/// shifted). Both sides compute in float64; the eigenvalue route and
+/// scipy's Schur-based `sqrtm` each carry round-off of order 1e-12 of the
+/// traces, so 1e-8 of `Tr Σ₁ + Tr Σ₂` bounds their difference; a wrong
+/// covariance normaliser (N instead of N − 1) moves the distance by
+/// 2/N of the traces (4e-3 here), a missing cross term by order 1.
+#[test]
+fn the_frechet_distance_matches_pytorch_fid_with_scipy_sqrtm() {
+    use sfron::eval::generation::{frechet_distance, moments};
+    tch::manual_seed(17);
+    let opts = (Kind::Double, Device::Cpu);
+    let a = Tensor::randn([500, 64], opts);
+    let map = Tensor::randn([64, 64], opts) / 8.0;
+    let b = Tensor::randn([300, 64], opts).matmul(&map) + 0.3;
+    let dir = temp_dir("fid-golden");
+    let file = dir.join("features.safetensors");
+    weights::save(
+        &file,
+        &[
+            ("a".into(), a.shallow_clone()),
+            ("b".into(), b.shallow_clone()),
+        ],
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/fid_reference.py"
+        ))
+        .arg(&file)
+        .output()
+        .expect("run python");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fid_reference.py: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let theirs = v["fid"].as_f64().unwrap();
+    let (mu_a, s_a) = moments(&a);
+    let (mu_b, s_b) = moments(&b);
+    let ours = frechet_distance(&mu_a, &s_a, &mu_b, &s_b);
+    let scale = s_a.trace().double_value(&[]) + s_b.trace().double_value(&[]);
+    println!("FID ours {ours:.12} scipy {theirs:.12} (traces {scale:.3})");
+    assert!(
+        (ours - theirs).abs() <= 1e-8 * scale,
+        "ours {ours} vs scipy {theirs}"
+    );
+}
+
+/// `sfron convert` of the DDPM release's `ckpt.pth` (a list of the
+/// DataParallel model's state_dict, the optimizer's, the step and the EMA's):
+/// the model's weights, and with `--ema` the EMA's, come out under the
+/// release's names without `module.`, bit for bit; a classifier's
+/// checkpoint given as a DDPM one is refused with exit 2 and nothing written.
+#[test]
+fn convert_reads_the_released_ddpm_checkpoint_and_its_ema() {
+    let (spec, channels, classes) = specs().remove(1);
+    let dir = temp_dir("unet-convert");
+    let json = spec_json(&spec, channels, classes);
+    run_reference("ckpt", &dir, &json);
+    let sets = [
+        "model.arch=ddpm_unet".to_string(),
+        format!("model.unet.ch={}", spec.ch),
+        "model.unet.ch_mult=[1, 2]".into(),
+        format!("model.unet.num_res_blocks={}", spec.num_res_blocks),
+        "model.unet.attn_resolutions=[28]".into(),
+        "model.unet.resamp_with_conv=false".into(),
+        format!("model.unet.groups={}", spec.groups),
+        "data.transform=diffusion".into(),
+        format!("run.root={}", dir.display()),
+    ];
+    for (flag, expected) in [(None, "raw"), (Some("--ema"), "ema")] {
+        let out = dir.join(format!("{expected}.sfron.safetensors"));
+        let ckpt = dir.join("ckpt.pth");
+        let mut args = vec!["convert", ckpt.to_str().unwrap()];
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend(flag);
+        let o = support::sfron(&sets, &args);
+        assert!(o.status.success(), "{}", support::text(&o));
+        let ours = support::tensors(&out);
+        let theirs = support::tensors(&dir.join(format!("{expected}.safetensors")));
+        let names = |v: &[(String, Vec<f32>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&ours), names(&theirs), "{expected}: names");
+        assert!(ours == theirs, "{expected}: values differ");
+    }
+    // A classifier's state_dict is not a DDPM checkpoint.
+    let classifier = dir.join("classifier.safetensors");
+    Model::new(Arch::parse("mnist_cnn", 1.0).unwrap(), 1, 10, Device::Cpu)
+        .save(&classifier, BTreeMap::new())
+        .unwrap();
+    let out = dir.join("refused.safetensors");
+    let o = support::sfron(
+        &sets,
+        &[
+            "convert",
+            classifier.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", support::text(&o));
+    assert!(
+        support::text(&o).contains("not a DDPM checkpoint"),
+        "{}",
+        support::text(&o)
+    );
+    assert!(!out.exists());
+}
+
+/// Bad input to the diffusion commands: exit 2, a message naming the key,
+/// file or class, and no run folder left behind.
+#[test]
+fn bad_diffusion_input_exits_2_naming_it_and_writes_nothing() {
+    let dir = temp_dir("unet-bad");
+    let mnist = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
+    let classifier = dir.join("classifier.safetensors");
+    Model::new(Arch::parse("mnist_cnn", 1.0).unwrap(), 1, 10, Device::Cpu)
+        .save(&classifier, BTreeMap::new())
+        .unwrap();
+    let (spec, _, _) = specs().remove(1);
+    let denoiser = dir.join("denoiser.safetensors");
+    Model::new(Arch::Unet(spec), 1, 10, Device::Cpu)
+        .save(&denoiser, BTreeMap::new())
+        .unwrap();
+    let base = |name: &str| {
+        vec![
+            format!("run.root={}", dir.join("runs").display()),
+            format!("run.name={name}"),
+            format!("data.root={mnist}"),
+            "model.arch=ddpm_unet".into(),
+            "model.unet.ch=16".into(),
+            "model.unet.ch_mult=[1, 2]".into(),
+            "model.unet.num_res_blocks=1".into(),
+            "model.unet.attn_resolutions=[28]".into(),
+            "model.unet.resamp_with_conv=false".into(),
+            "model.unet.groups=8".into(),
+            "data.transform=diffusion".into(),
+        ]
+    };
+    let split = dir.join("split.json");
+    let o = support::sfron(
+        &base("split-make"),
+        &[
+            "split",
+            "--scenario",
+            "class:3",
+            "--out",
+            split.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", support::text(&o));
+    let split = split.display().to_string();
+    let cases: Vec<(&str, Vec<String>, Vec<String>, &str)> = vec![
+        (
+            "guidance",
+            vec!["sample.guidance=-1".into()],
+            vec![
+                "sample".into(),
+                "--from".into(),
+                denoiser.display().to_string(),
+            ],
+            "sample.guidance",
+        ),
+        (
+            "steps",
+            vec!["sample.steps=0".into()],
+            vec![
+                "sample".into(),
+                "--from".into(),
+                denoiser.display().to_string(),
+            ],
+            "sample.steps",
+        ),
+        (
+            "class",
+            vec!["sample.classes=[12]".into()],
+            vec![
+                "sample".into(),
+                "--from".into(),
+                denoiser.display().to_string(),
+            ],
+            "class 12",
+        ),
+        (
+            "classifier-weights",
+            vec![],
+            vec![
+                "sample".into(),
+                "--from".into(),
+                classifier.display().to_string(),
+            ],
+            "not the weights of a diffusion model",
+        ),
+        (
+            "transform",
+            vec!["data.transform=mnist".into()],
+            vec!["train".into()],
+            "data.transform",
+        ),
+        (
+            "denoiser-to-classifier-eval",
+            vec!["model.arch=mnist_cnn".into(), "data.transform=auto".into()],
+            vec![
+                "eval".into(),
+                "--model".into(),
+                denoiser.display().to_string(),
+                "--split".into(),
+                split.clone(),
+            ],
+            "ddpm_unet",
+        ),
+        (
+            "classifier-method",
+            vec![],
+            vec![
+                "unlearn".into(),
+                "--method".into(),
+                "scrub".into(),
+                "--from".into(),
+                denoiser.display().to_string(),
+                "--split".into(),
+                split.clone(),
+            ],
+            "unlearn.method",
+        ),
+    ];
+    for (name, extra, args, needle) in cases {
+        let mut sets = base(name);
+        sets.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = support::sfron(&sets, &args);
+        let text = support::text(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {text}");
+        assert!(text.contains(needle), "{name}: no {needle:?} in {text}");
+        assert!(
+            !dir.join("runs").join(name).exists(),
+            "{name}: a run folder was left behind"
         );
     }
 }

@@ -1026,6 +1026,284 @@ fn global_batchnorm(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome
     }
 }
 
+/// The denoising task on 1, 2 and 3 ranks: a small class-conditional UNet
+/// (GroupNorm, dropout 0.1 and 10% null-class rows, so that every keyed
+/// draw is exercised) trained 12 steps at global batch 16 (shares of 6, 5
+/// and 5 on 3 ranks), then sampled. GroupNorm has no cross-rank state and
+/// every draw is keyed by the row's place in the global batch, so N ranks
+/// compute what 1 rank does, to rounding: the weights and the EMA within
+/// error_model::trajectory() of the path (SGD with momentum: the error
+/// model's regime), and the sampled uint8 images equal but for pixels that
+/// rounding moves across a quantisation boundary (at most 1 level, in at
+/// most 1 pixel in 1,000). A row given another row's noise, timestep or
+/// dropout mask changes that row's gradient by order 1.
+fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
+    let limit = Duration::from_secs(300);
+    let root = std::path::Path::new(run_root).join("diffusion");
+    let root_s = root.display().to_string();
+    let job = |np: usize, name: &str, args: &[&str]| {
+        let mut cmd = sfron_on(np);
+        for set in [
+            format!("run.root={root_s}"),
+            format!("run.name={name}"),
+            format!("data.root={MNIST}"),
+            "data.train_limit=600".into(),
+            "data.transform=diffusion".into(),
+            "data.workers=0".into(),
+            format!("device.threads={}", support::threads()),
+            "model.arch=ddpm_unet".into(),
+            "model.unet.ch=32".into(),
+            "model.unet.ch_mult=[1, 2]".into(),
+            "model.unet.num_res_blocks=1".into(),
+            "model.unet.attn_resolutions=[14]".into(),
+            "model.unet.dropout=0.1".into(),
+            "diffusion.ema_decay=0.9".into(),
+            "train.batch=16".into(),
+            "train.lr=0.01".into(),
+            "train.momentum=0.9".into(),
+            // The summed-over-pixels loss of a fresh UNet is ~1e3: unclipped,
+            // SGD at 0.01 diverges in two steps.
+            "train.clip=1".into(),
+            "train.max_steps=12".into(),
+            "train.log_every=1".into(),
+            "train.verify_every=1".into(),
+            "checkpoint.every_steps=4".into(),
+            "sample.per_class=3".into(),
+            "sample.classes=[1, 3, 7]".into(),
+            "sample.steps=10".into(),
+            "sample.batch=4".into(),
+            "sample.grid=3".into(),
+        ] {
+            cmd.args(["--set", &set]);
+        }
+        cmd.args(args);
+        cmd
+    };
+    let mut trained = Vec::new();
+    for np in [1, 2, 3] {
+        let name = format!("train-np{np}");
+        let o = run(job(np, &name, &["train"]), limit);
+        if o.code != Some(0) {
+            report(&format!("diffusion_train_np{np}"), false, &o);
+            return;
+        }
+        trained.push((np, o));
+    }
+    let one = run_dir(&root_s, "train-np1");
+    let path = error_model::path(&one.join("metrics.jsonl"), 0.9);
+    for (np, o) in &trained[1..] {
+        let other = run_dir(&root_s, &format!("train-np{np}"));
+        let w = support::l2_difference(
+            &one.join("model.safetensors"),
+            &other.join("model.safetensors"),
+        );
+        let e =
+            support::l2_difference(&one.join("ema.safetensors"), &other.join("ema.safetensors"));
+        let (w, e) = (w / path, e / path);
+        println!(
+            "ddpm_unet train {np} ranks vs 1: weights {w:.2e}, EMA {e:.2e} of the path (tolerance {:.1e})",
+            error_model::trajectory()
+        );
+        report(
+            &format!("diffusion_train_1_rank_equals_{np}_ranks"),
+            w <= error_model::trajectory() && e <= error_model::trajectory(),
+            o,
+        );
+    }
+
+    // SFR-on as the DDPM release runs it (a forget step every iteration
+    // with the adaptive denoising weights, eps 1e-8, both steps clipped to
+    // 1; Fisher of the guided prediction, each batch's gradient clipped
+    // before squaring), at an SGD rate of the error model's smooth regime.
+    let split = root.join("split.json").display().to_string();
+    let o = run(
+        job(
+            1,
+            "split",
+            &["split", "--scenario", "class:3", "--out", &split],
+        ),
+        limit,
+    );
+    if o.code != Some(0) {
+        report("diffusion_split", false, &o);
+        return;
+    }
+    let original = one.join("model.safetensors").display().to_string();
+    let unlearn = |np: usize, more: &[String]| {
+        let mut cmd = job(np, &format!("sfron-np{np}"), &[]);
+        for set in [
+            "unlearn.batch=16",
+            "unlearn.forget_batch=8",
+            "unlearn.momentum=0.9",
+            "unlearn.log_every=1",
+            "unlearn.verify_every=1",
+            "sfron.iterations=6",
+            "sfron.lr=0.01",
+            "sfron.lr_schedule=constant",
+            "sfron.forget_every=1",
+            "sfron.alpha=1",
+            "sfron.clip=1",
+            "sfron.remain_clip=1",
+            "sfron.weight_eps=1e-8",
+            "sfron.fisher_clip=1",
+            "sfron.fisher_guidance=2",
+            "sfron.fisher_batch=16",
+            "sfron.fisher_remain_batches=3",
+        ] {
+            cmd.args(["--set", set]);
+        }
+        for set in more {
+            cmd.args(["--set", set]);
+        }
+        cmd.args([
+            "unlearn", "--method", "sfron", "--from", &original, "--split", &split,
+        ]);
+        run(cmd, limit)
+    };
+    let u1 = unlearn(1, &[]);
+    if u1.code != Some(0) {
+        report("diffusion_sfron_np1", false, &u1);
+        return;
+    }
+    let u_one = run_dir(&root_s, "sfron-np1");
+    let u_path = error_model::path(&u_one.join("metrics.jsonl"), 0.9);
+    let fa = u_one.join("fisher.safetensors");
+    for np in [2, 3] {
+        let o = unlearn(np, &[]);
+        if o.code != Some(0) {
+            report(
+                &format!("diffusion_sfron_1_rank_equals_{np}_ranks"),
+                false,
+                &o,
+            );
+            continue;
+        }
+        let other = run_dir(&root_s, &format!("sfron-np{np}"));
+        let fb = other.join("fisher.safetensors");
+        let fisher = support::relative_l2_difference(&fa, &fb, "forget.")
+            .max(support::relative_l2_difference(&fa, &fb, "remain."));
+        let (ma, mb) = (
+            u_one.join("mask.safetensors"),
+            other.join("mask.safetensors"),
+        );
+        let flipped = flipped_forget_mass(&fa, (&ma, &mb));
+        // The loop from the same mask: the N-rank run again on a copy of
+        // the 1-rank run's Fisher (the cache it is), when any entry flipped.
+        let mut compared = o;
+        let shared;
+        let mut final_dir = other.clone();
+        if flipped.0 > 0 {
+            let cache = root.join(format!("sfron-np{np}-fisher.safetensors"));
+            std::fs::copy(&fa, &cache).unwrap();
+            shared = unlearn(
+                np,
+                &[
+                    format!("run.name=sfron-np{np}-shared"),
+                    format!("sfron.fisher_cache={}", cache.display()),
+                ],
+            );
+            compared = shared;
+            final_dir = run_dir(&root_s, &format!("sfron-np{np}-shared"));
+        }
+        let w = if compared.code == Some(0) {
+            support::l2_difference(
+                &u_one.join("model.safetensors"),
+                &final_dir.join("model.safetensors"),
+            ) / u_path
+        } else {
+            f64::INFINITY
+        };
+        println!(
+            "ddpm_unet SFR-on {np} ranks vs 1: Fisher {fisher:.2e} (tolerance {:.1e}); mask \
+             entries differing {} holding {:.1e} of the forget Fisher (tolerance {FLIPPED_MASS:.0e}); \
+             weights {w:.2e} of the path (tolerance {:.1e})",
+            error_model::fisher(),
+            flipped.0,
+            flipped.1,
+            error_model::trajectory()
+        );
+        report(
+            &format!("diffusion_sfron_1_rank_equals_{np}_ranks"),
+            fisher <= error_model::fisher()
+                && flipped.1 <= FLIPPED_MASS
+                && w <= error_model::trajectory(),
+            &compared,
+        );
+    }
+
+    // Sampling from the 1-rank run's EMA on 1, 2 and 3 ranks.
+    let from = one.display().to_string();
+    let mut images = Vec::new();
+    for np in [1, 2, 3] {
+        let name = format!("sample-np{np}");
+        let o = run(job(np, &name, &["sample", "--from", &from]), limit);
+        if o.code != Some(0) {
+            report(&format!("diffusion_sample_np{np}"), false, &o);
+            return;
+        }
+        let file = run_dir(&root_s, &name).join("samples.safetensors");
+        let (tensors, meta) = sfron::model::weights::load(&file).unwrap();
+        let ok = meta.get("sfron.sampled_weights").map(String::as_str) == Some("ema")
+            && run_dir(&root_s, &name).join("grid.png").is_file();
+        let img = tensors.into_iter().find(|(n, _)| n == "images").unwrap().1;
+        images.push((np, img, o, ok));
+    }
+    let base = images[0].1.to_kind(tch::Kind::Int);
+    for (np, img, o, ok) in &images[1..] {
+        let diff = (img.to_kind(tch::Kind::Int) - &base).abs();
+        let worst = diff.max().int64_value(&[]);
+        let share = diff
+            .gt(0)
+            .to_kind(tch::Kind::Double)
+            .mean(tch::Kind::Double)
+            .double_value(&[]);
+        println!(
+            "ddpm_unet sample {np} ranks vs 1: {share:.2e} of the pixels differ, by at most {worst} level(s)"
+        );
+        report(
+            &format!("diffusion_sample_1_rank_equals_{np}_ranks"),
+            *ok && img.size() == base.size() && worst <= 1 && share <= 1e-3,
+            o,
+        );
+    }
+}
+
+/// The share of the forget Fisher's mass that mask entries flipped between
+/// two runs hold. A denoiser's Fisher elements are sums of per-pixel terms
+/// of both signs (the guided prediction is `3 ε(c) − 2 ε(∅)`), so an element
+/// whose terms cancel has a relative rounding error far above the norm-wise
+/// one, and its entry may flip wherever its saliency is near γ: measured
+/// (Xeon) 2,556 entries on 2 ranks and 9,664 on 3, holding 1.9e-8 and
+/// 3.5e-7 of the mass. A Fisher reduced wrongly (squared per rank, shares
+/// mis-weighted) changes every element by a factor, so entries of every
+/// magnitude flip, the large ones with them.
+const FLIPPED_MASS: f64 = 1e-4;
+
+/// (entries whose mask differs, their share of the forget Fisher's total).
+fn flipped_forget_mass(
+    fisher: &std::path::Path,
+    (ma, mb): (&std::path::Path, &std::path::Path),
+) -> (usize, f64) {
+    let f: std::collections::BTreeMap<String, Vec<f32>> =
+        support::tensors(fisher).into_iter().collect();
+    let total: f64 = f
+        .iter()
+        .filter(|(n, _)| n.starts_with("forget."))
+        .flat_map(|(_, v)| v.iter().map(|x| *x as f64))
+        .sum();
+    let (mut count, mut mass) = (0, 0.0);
+    for ((n, x), (_, y)) in support::tensors(ma).iter().zip(&support::tensors(mb)) {
+        let forget = &f[&format!("forget.{n}")];
+        for (k, (p, q)) in x.iter().zip(y).enumerate() {
+            if p != q {
+                count += 1;
+                mass += forget[k] as f64;
+            }
+        }
+    }
+    (count, mass / total.max(f64::MIN_POSITIVE))
+}
+
 fn driver() -> i32 {
     let run_root = std::env::temp_dir().join(format!("sfron-mpi-test-{}", std::process::id()));
     let run_root = run_root.display().to_string();
@@ -1107,6 +1385,7 @@ fn driver() -> i32 {
     baselines(&run_root, &mut report);
     evaluation(&run_root, &mut report);
     global_batchnorm(&run_root, &mut report);
+    diffusion(&run_root, &mut report);
 
     let _ = std::fs::remove_dir_all(&run_root);
     println!("\nmpi: {passed} passed, {failed} failed");

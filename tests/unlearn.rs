@@ -832,7 +832,7 @@ fn exact_adaptive_weights_match_numpy_float64() {
     let labels = Tensor::from_slice(&y);
     let lambda = 0.5;
     let losses = per_sample_loss(&logits, &labels, LossPrecision::Exact);
-    let c = adaptive_weights(&losses, lambda);
+    let c = adaptive_weights(&losses, lambda, 1e-15);
     let eps = &c / c.sum(Kind::Double);
     let objective = (&eps * &losses).sum(Kind::Double);
     let grad = Tensor::run_backward(&[objective], &[&logits], false, false)

@@ -28,7 +28,7 @@ use crate::data::Batch;
 use crate::engine::signals::StopFlag;
 use crate::engine::{Edit, Engine, Optimizer, Scale, backward_ce_sum, broadcast_all};
 use crate::model::Model;
-use crate::unlearn::sfron::forget_backward;
+use crate::unlearn::sfron::{ce_losses, forget_backward};
 
 /// What to time.
 #[derive(Clone, Debug)]
@@ -154,8 +154,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
     let lr = sfron.lr;
     let iteration = |engine: &mut Engine| -> Result<()> {
         engine.zero_grad();
-        let rows = (&forget.images, &forget.labels);
-        let local = forget_backward(&model, engine, Some(rows), sfron, sfron.alpha);
+        let losses = ce_losses(&model, &forget.images, &forget.labels, sfron.loss_precision);
+        let local = forget_backward(engine, Some(losses), sfron, sfron.alpha);
         let mut out = engine.reduce(local, Scale::Sum)?;
         engine.finish(&mut out, &edit, lr, "bench forget step")?;
         engine.zero_grad();

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use super::raw::{
-    BatchNormMode, CheckpointSection, CommSection, DataFormat, DeviceKind, DiffusionSection,
-    EpochSchedule, EvalSection, LogSection, LossPrecision, NonFinite, OnCorrupt, OptimizerName,
-    Precision, SaliencyName, ScheduleName, Select, StudySection, TrainOn, TransformName,
-    UnlearnMethod,
+    BatchNormMode, CheckpointSection, CommSection, DataFormat, DecaySchedule, DeviceKind,
+    DiffusionSection, EpochSchedule, EvalSection, LogSection, LossPrecision, NonFinite, OnCorrupt,
+    OptimizerName, Precision, SaliencyName, SampleSection, ScheduleName, Select, StudySection,
+    TrainOn, TransformName, UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -59,6 +59,8 @@ pub struct RunPlan {
     pub sfron: SfronPlan,
     pub baselines: Baselines,
     pub eval: EvalSection,
+    /// `sfron sample` (checked: steps within T, guidance ≥ 0, counts ≥ 1).
+    pub sample: SampleSection,
     pub study: StudySection,
     pub topology: Topology,
     /// The merged configuration this plan came from (for printing and saving).
@@ -136,7 +138,9 @@ impl RunPlan {
         let data = data_plan(&config)?;
         let model = model_plan(&config, &data)?;
         let diffusion = diffusion_plan(&config)?;
+        sample_checks(&config, &diffusion)?;
         let train = train_plan(&config, &data)?;
+        task_checks(&config, &model, &train)?;
         let unlearn = unlearn_plan(&config)?;
         let sfron = sfron_plan(&config, &unlearn)?;
         let baselines = baselines_plan(&config, &unlearn)?;
@@ -173,6 +177,7 @@ impl RunPlan {
             sfron,
             baselines,
             eval: raw.eval.clone(),
+            sample: raw.sample.clone(),
             diffusion,
             study: raw.study.clone(),
             run_dir: PathBuf::from(&raw.run.root).join(name),
@@ -266,6 +271,8 @@ pub struct TrainPlan {
     /// `None`: stop at the first non-finite step; `Some(n)`: skip, stop after n in a row.
     pub max_skips: Option<u32>,
     pub verify_every: u64,
+    /// Global gradient-norm clip before each step.
+    pub clip: Option<f64>,
 }
 
 /// What every unlearning method shares, validated.
@@ -319,6 +326,12 @@ pub struct SfronPlan {
     pub fisher_cache: Option<PathBuf>,
     pub freeze_bn_on_forget: bool,
     pub loss_precision: LossPrecision,
+    pub weight_eps: f64,
+    pub lr_schedule: DecaySchedule,
+    pub alpha_schedule: DecaySchedule,
+    pub remain_clip: Option<f64>,
+    pub fisher_clip: Option<f64>,
+    pub fisher_guidance: f64,
 }
 
 /// An epoch-based baseline's budget: `epochs` passes over its data at a
@@ -507,6 +520,21 @@ fn sfron_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<SfronPlan,
     }
     positive(config, "sfron.gamma", s.gamma)?;
     positive(config, "sfron.soft_max", s.soft_max)?;
+    for (key, v) in [
+        ("sfron.remain_clip", s.remain_clip),
+        ("sfron.fisher_clip", s.fisher_clip),
+        ("sfron.fisher_guidance", s.fisher_guidance),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(config.key_error(key, "must be 0 (no clipping) or more"));
+        }
+    }
+    if !(s.weight_eps.is_finite() && s.weight_eps > 0.0) {
+        return Err(config.key_error(
+            "sfron.weight_eps",
+            format!("{}: must be above 0", s.weight_eps),
+        ));
+    }
     Ok(SfronPlan {
         iterations: s.iterations,
         lr: s.lr,
@@ -528,6 +556,12 @@ fn sfron_plan(config: &LoadedConfig, unlearn: &UnlearnPlan) -> Result<SfronPlan,
         fisher_cache: (!s.fisher_cache.trim().is_empty()).then(|| PathBuf::from(&s.fisher_cache)),
         freeze_bn_on_forget: s.freeze_bn_on_forget,
         loss_precision: s.loss_precision,
+        weight_eps: s.weight_eps,
+        lr_schedule: s.lr_schedule,
+        alpha_schedule: s.alpha_schedule,
+        remain_clip: (s.remain_clip > 0.0).then_some(s.remain_clip),
+        fisher_clip: (s.fisher_clip > 0.0).then_some(s.fisher_clip),
+        fisher_guidance: s.fisher_guidance,
     })
 }
 
@@ -680,6 +714,7 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
                 dropout: u.dropout,
                 resolution: height as i64,
                 resamp_with_conv: u.resamp_with_conv,
+                groups: u.groups,
             };
             spec.check()
                 .map_err(|e| config.key_error("model.unet", e))?;
@@ -695,6 +730,76 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
             explicit: config.origin("model.batchnorm") != super::DEFAULT_ORIGIN,
         },
     })
+}
+
+/// What a task needs of the rest of the configuration: a denoiser reads
+/// images in [−1, 1] and has no accuracy to choose an epoch by.
+fn task_checks(
+    config: &LoadedConfig,
+    model: &ModelPlan,
+    train: &TrainPlan,
+) -> Result<(), ConfigError> {
+    if model.arch.task() != crate::model::Task::Denoise {
+        return Ok(());
+    }
+    let transform = config.raw.data.transform;
+    if !matches!(
+        transform,
+        TransformName::Diffusion | TransformName::DiffusionFlip
+    ) {
+        return Err(config.key_error(
+            "data.transform",
+            format!(
+                "{:?} normalises for a classifier; ddpm_unet reads pixels in [-1, 1]: use \
+                 \"diffusion\" (or \"diffusion_flip\" for the release's CIFAR-10 flips)",
+                transform.as_str()
+            ),
+        ));
+    }
+    if train.select != Select::Last {
+        return Err(config.key_error(
+            "train.select",
+            format!(
+                "{:?} chooses an epoch by accuracy; a diffusion model has none: use \"last\"",
+                train.select.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn sample_checks(config: &LoadedConfig, diffusion: &DiffusionSection) -> Result<(), ConfigError> {
+    let s = &config.raw.sample;
+    if s.steps < 1 || s.steps > diffusion.timesteps {
+        return Err(config.key_error(
+            "sample.steps",
+            format!(
+                "{} timesteps to visit: use 1 to diffusion.timesteps ({})",
+                s.steps, diffusion.timesteps
+            ),
+        ));
+    }
+    if !(s.guidance.is_finite() && s.guidance >= 0.0) {
+        return Err(config.key_error(
+            "sample.guidance",
+            format!(
+                "{}: a guidance scale is 0 (conditional only) or more",
+                s.guidance
+            ),
+        ));
+    }
+    if !(s.eta.is_finite() && s.eta >= 0.0) {
+        return Err(config.key_error("sample.eta", format!("{}: use 0 or more", s.eta)));
+    }
+    for (key, v) in [("sample.per_class", s.per_class), ("sample.batch", s.batch)] {
+        if v == 0 {
+            return Err(config.key_error(key, "must be at least 1"));
+        }
+    }
+    if let Some(c) = s.classes.iter().find(|&&c| c < 0) {
+        return Err(config.key_error("sample.classes", format!("{c} is not a class")));
+    }
+    Ok(())
 }
 
 fn diffusion_plan(config: &LoadedConfig) -> Result<DiffusionSection, ConfigError> {
@@ -713,6 +818,7 @@ fn diffusion_plan(config: &LoadedConfig) -> Result<DiffusionSection, ConfigError
     for (key, v) in [
         ("diffusion.cond_drop", d.cond_drop),
         ("diffusion.ema_decay", d.ema_decay),
+        ("diffusion.unlearn_ema_decay", d.unlearn_ema_decay),
     ] {
         if !(0.0..1.0).contains(&v) {
             return Err(config.key_error(key, format!("{v}: use [0, 1)")));
@@ -731,6 +837,9 @@ fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, Confi
         }
     };
     positive(config, "train.lr", t.lr)?;
+    if !(t.clip.is_finite() && t.clip >= 0.0) {
+        return Err(config.key_error("train.clip", "must be 0 (no clipping) or more"));
+    }
     unit("train.val_fraction", t.val_fraction, "a fraction")?;
     positive(config, "train.gamma", t.gamma)?;
     if t.epochs == 0 {
@@ -793,6 +902,7 @@ fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, Confi
             NonFinite::Error => None,
         },
         verify_every: t.verify_every,
+        clip: (t.clip > 0.0).then_some(t.clip),
     })
 }
 

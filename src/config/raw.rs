@@ -62,6 +62,7 @@ pub struct RawConfig {
     pub scrub: ScrubSection,
     pub l1_sparse: L1SparseSection,
     pub eval: EvalSection,
+    pub sample: SampleSection,
     pub study: StudySection,
 }
 
@@ -327,6 +328,8 @@ pub struct UnetSection {
     pub attn_resolutions: Vec<i64>,
     pub dropout: f64,
     pub resamp_with_conv: bool,
+    /// GroupNorm's groups (the release: 32).
+    pub groups: i64,
 }
 
 impl Default for UnetSection {
@@ -338,6 +341,7 @@ impl Default for UnetSection {
             attn_resolutions: vec![16],
             dropout: 0.1,
             resamp_with_conv: true,
+            groups: 32,
         }
     }
 }
@@ -367,6 +371,12 @@ pub struct DiffusionSection {
     /// Decay of the EMA of the weights kept for sampling (`ema_rate` of
     /// the pretraining config; 0 keeps no EMA).
     pub ema_decay: f64,
+    /// The EMA's decay while unlearning, starting from the original's EMA
+    /// (`ema.safetensors` beside `unlearn.from`, else its weights). The
+    /// DDPM release's forgetting configs pass `ema_rate` 1e-4 to an
+    /// `EMAHelper` whose update is `(1 − rate) θ + rate · ema`: an EMA
+    /// that is the raw weights to 1e-4, hence the default. DiT's: 0.9999.
+    pub unlearn_ema_decay: f64,
 }
 
 impl Default for DiffusionSection {
@@ -378,6 +388,7 @@ impl Default for DiffusionSection {
             timesteps: 1000,
             cond_drop: 0.1,
             ema_decay: 0.9999,
+            unlearn_ema_decay: 1e-4,
         }
     }
 }
@@ -493,6 +504,9 @@ pub struct TrainSection {
     pub max_skips: u32,
     /// Compare a digest of every rank's weights every this many steps (0 = at checkpoints only).
     pub verify_every: u64,
+    /// Clip the global gradient norm to this before each step (0 = no
+    /// clipping; the release's DDPM training clips to 1).
+    pub clip: f64,
 }
 
 impl Default for TrainSection {
@@ -521,6 +535,7 @@ impl Default for TrainSection {
             nonfinite: NonFinite::Skip,
             max_skips: 5,
             verify_every: 0,
+            clip: 0.0,
         }
     }
 }
@@ -559,6 +574,12 @@ pub struct EvalSection {
     pub batch: usize,
     /// Also write every sample's logits to `examples.safetensors` (4 bytes × classes per sample).
     pub logits: bool,
+    /// A diffusion model's evaluation: the weights of the classifier that
+    /// judges its images (forget and remaining accuracy, FID in its
+    /// feature space).
+    pub classifier: String,
+    /// That classifier's architecture (a classifier of the zoo).
+    pub classifier_arch: String,
 }
 
 impl Default for EvalSection {
@@ -566,6 +587,73 @@ impl Default for EvalSection {
         EvalSection {
             batch: 256,
             logits: false,
+            classifier: String::new(),
+            classifier_arch: "mnist_cnn".into(),
+        }
+    }
+}
+
+string_enum! {
+    /// How `sfron sample` steps from noise to an image.
+    SampleMethod {
+        /// The release's `generalized_steps` (DDIM with stochasticity
+        /// `sample.eta`; η = 1 over all T steps is ancestral sampling).
+        Ddim => "ddim",
+        /// The release's `ddpm_steps`: ancestral, fixed-large variance,
+        /// x̂₀ clipped to [−1, 1].
+        Ddpm => "ddpm",
+    }
+}
+
+string_enum! {
+    /// Which weights of a run folder `sfron sample` generates with.
+    SampleWeights {
+        /// The EMA (`ema.safetensors`), as the release samples.
+        Ema => "ema",
+        /// The trained weights themselves (`model.safetensors`).
+        Raw => "raw",
+    }
+}
+
+/// `sfron sample` (defaults: the release's `sample.py` and
+/// `cifar10_sample.yml`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleSection {
+    /// A weights file, or a run folder of `train`/`unlearn` (then
+    /// `sample.weights` picks its EMA or raw weights).
+    pub from: String,
+    pub weights: SampleWeights,
+    pub method: SampleMethod,
+    /// Timesteps visited, `T / steps` apart (the release's `--timesteps`).
+    pub steps: i64,
+    /// DDIM's stochasticity η (the release's `--eta`).
+    pub eta: f64,
+    /// Classifier-free guidance scale w: `(1 + w) ε(c) − w ε(∅)` (`--cond_scale`).
+    pub guidance: f64,
+    /// Images per class (`--n_samples_per_class`).
+    pub per_class: u64,
+    /// Classes to generate ([] = every class).
+    pub classes: Vec<i64>,
+    /// Images per forward pass on each rank (`sampling.batch_size`).
+    pub batch: u64,
+    /// Images per class in `grid.png`.
+    pub grid: u64,
+}
+
+impl Default for SampleSection {
+    fn default() -> Self {
+        SampleSection {
+            from: String::new(),
+            weights: SampleWeights::Ema,
+            method: SampleMethod::Ddim,
+            steps: 1000,
+            eta: 1.0,
+            guidance: 2.0,
+            per_class: 500,
+            classes: Vec::new(),
+            batch: 512,
+            grid: 10,
         }
     }
 }
@@ -746,6 +834,33 @@ pub struct SfronSection {
     pub freeze_bn_on_forget: bool,
     /// How the per-sample losses behind the adaptive weights are computed.
     pub loss_precision: LossPrecision,
+    /// Added to `ℓ_i^λ` before the reciprocal of the adaptive weights
+    /// (classification: 1e-15; the release's DDPM `adaptive_loss`: 1e-8).
+    pub weight_eps: f64,
+    /// The learning rate over the iterations: `cosine` to 0 (the
+    /// classification release) or `constant` (the DDPM and DiT releases).
+    pub lr_schedule: DecaySchedule,
+    /// α over the iterations: `cosine` to 0 (classification, and DDPM's
+    /// `--decay_forget_alpha`) or `constant` (DiT).
+    pub alpha_schedule: DecaySchedule,
+    /// The remain step's gradient norm is clipped to this (0 = no clipping;
+    /// the DDPM release clips it to 1).
+    pub remain_clip: f64,
+    /// Each Fisher batch's mean gradient is clipped to this L2 norm before
+    /// it is squared (0 = no clipping; the DDPM release: 1).
+    pub fisher_clip: f64,
+    /// A denoiser's Fisher loss uses the guided prediction at this scale
+    /// (0 = the conditional prediction; the DDPM release: 2).
+    pub fisher_guidance: f64,
+}
+
+string_enum! {
+    /// How a coefficient moves over a run of iterations.
+    DecaySchedule {
+        /// `x (1 + cos(π t / T)) / 2`.
+        Cosine => "cosine",
+        Constant => "constant",
+    }
 }
 
 impl Default for SfronSection {
@@ -766,6 +881,12 @@ impl Default for SfronSection {
             fisher_cache: String::new(),
             freeze_bn_on_forget: false,
             loss_precision: LossPrecision::Exact,
+            weight_eps: 1e-15,
+            lr_schedule: DecaySchedule::Cosine,
+            alpha_schedule: DecaySchedule::Cosine,
+            remain_clip: 0.0,
+            fisher_clip: 0.0,
+            fisher_guidance: 0.0,
         }
     }
 }

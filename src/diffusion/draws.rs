@@ -25,6 +25,9 @@ pub enum Purpose {
     Remain = 3,
     Fisher = 4,
     Eval = 5,
+    Union = 6,
+    /// The Fisher pass over the remain set (the forget pass is `Fisher`).
+    FisherRemain = 7,
 }
 
 /// The draws of the rows of one batch.

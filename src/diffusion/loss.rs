@@ -14,6 +14,9 @@ pub struct Denoising<'a> {
     pub schedule: &'a Schedule,
     /// Share of rows trained on the null class (0 in eval-mode losses).
     pub cond_drop: f64,
+    /// The loss of the guided prediction `(1 + w) ε(c) − w ε(∅)` instead of
+    /// `ε(c)` (eval mode only; the DDPM release's Fisher uses w = 2).
+    pub guidance: f64,
 }
 
 /// One rank's rows of a global batch and their draws.
@@ -68,6 +71,12 @@ impl Rows {
 pub fn per_sample(model: &Model, den: &Denoising, rows: &Rows, train: bool) -> Tensor {
     let d = &rows.draws;
     let xt = den.schedule.noised(&rows.x0, &d.t, &d.noise);
+    if !train && den.guidance > 0.0 {
+        let eps = super::guided_eps(model, &xt, &d.t, &rows.c, den.guidance);
+        return (&d.noise - eps)
+            .square()
+            .sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Float);
+    }
     let keep = (train && den.cond_drop > 0.0).then_some(&d.keep);
     let cond = Cond {
         t: &d.t,

@@ -6,7 +6,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::raw::BetaSchedule;
+use crate::config::raw::{BetaSchedule, DiffusionSection};
 
 #[derive(Debug)]
 pub struct Schedule {
@@ -44,6 +44,17 @@ impl Schedule {
             betas,
             alphas_cumprod,
         }
+    }
+
+    /// The schedule `[diffusion]` describes, on `device`.
+    pub fn of(d: &DiffusionSection, device: Device) -> Self {
+        Schedule::new(
+            d.beta_schedule,
+            d.beta_start,
+            d.beta_end,
+            d.timesteps,
+            device,
+        )
     }
 
     /// T.

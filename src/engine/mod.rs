@@ -22,6 +22,7 @@
 //! reaches every rank through the sum, so all ranks skip together.
 
 pub mod checkpoint;
+pub mod ema;
 pub mod optim;
 pub mod progress;
 pub mod schedule;

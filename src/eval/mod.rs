@@ -9,6 +9,7 @@
 //! count and the outputs, hence the metrics, are identical.
 
 mod examples;
+pub mod generation;
 pub mod metrics;
 pub mod mia;
 
@@ -459,6 +460,15 @@ pub const EXAMPLES_FILE: &str = "examples.safetensors";
 
 /// `sfron eval`.
 pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &EvalArgs) -> Result<Status> {
+    if plan.model.arch.task() == crate::model::Task::Denoise {
+        if args.reference.is_some() {
+            anyhow::bail!(
+                "--reference compares a classifier's outputs; a diffusion model's evaluation \
+                 is its generation metrics (run eval on Retrain too and compare)"
+            );
+        }
+        return generation::run(comm, plan, device, &args.model);
+    }
     let reference = args.reference.as_deref().map(|path| Reference {
         path,
         metrics: None,

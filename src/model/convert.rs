@@ -55,12 +55,40 @@ pub fn released_name(name: &str) -> String {
 /// Reads a released checkpoint of `arch` and returns the model it holds
 /// (input channels and classes read from its first conv and classifier).
 /// Every sfron tensor must be in it and nothing else (but
-/// `num_batches_tracked`), with the right shapes.
-pub fn released(path: &Path, arch: Arch) -> Result<Model, WeightsError> {
+/// `num_batches_tracked`), with the right shapes. A DDPM checkpoint
+/// (`ckpt.pth`: `[model, optimizer, step, ema]` of a `DataParallel` UNet)
+/// gives its model's weights, or with `ema` its EMA's.
+pub fn released(path: &Path, arch: Arch, ema: bool) -> Result<Model, WeightsError> {
+    if let Arch::Unet(_) = arch {
+        return released_unet(path, arch, ema);
+    }
+    if ema {
+        return Err(WeightsError::Mismatch {
+            path: path.into(),
+            reason: format!(
+                "--ema takes a diffusion checkpoint; {} has no EMA",
+                arch.name()
+            ),
+        });
+    }
     let tensors: Vec<(String, Tensor)> = read_torch(path)?
         .into_iter()
         .map(|(n, t)| (released_name(&n), t))
         .collect();
+    let what = format!("(after renaming): not a released {}", arch.name());
+    build(path, arch, &tensors, ("conv1.weight", "fc.weight"), &what)
+}
+
+/// The model of `arch` holding `tensors`, its input channels read from
+/// dimension 1 of the tensor named `input` and its classes from dimension 0
+/// of `output` (their absence is an error ending in `what`).
+fn build(
+    path: &Path,
+    arch: Arch,
+    tensors: &[(String, Tensor)],
+    (input, output): (&str, &str),
+    what: &str,
+) -> Result<Model, WeightsError> {
     let find = |name: &str| {
         tensors
             .iter()
@@ -68,13 +96,49 @@ pub fn released(path: &Path, arch: Arch) -> Result<Model, WeightsError> {
             .map(|(_, t)| t.size())
             .ok_or_else(|| WeightsError::Mismatch {
                 path: path.into(),
-                reason: format!("no {name} (after renaming): not a released {}", arch.name()),
+                reason: format!("no {name} {what}"),
             })
     };
-    let (conv1, fc) = (find("conv1.weight")?, find("fc.weight")?);
-    let model = Model::new(arch, conv1[1], fc[0], tch::Device::Cpu);
-    super::weights::copy_into(&model.vs, &tensors, path)?;
+    let (first, last) = (find(input)?, find(output)?);
+    let model = Model::new(arch, first[1], last[0], tch::Device::Cpu);
+    super::weights::copy_into(&model.vs, tensors, path)?;
     Ok(model)
+}
+
+/// [`released`] of the DDPM release's UNet: names as they are, without
+/// `DataParallel`'s `module.`; image channels from `conv_in`, classes from
+/// `classes_emb`.
+fn released_unet(path: &Path, arch: Arch, ema: bool) -> Result<Model, WeightsError> {
+    let pick = if ema {
+        torch_pickle::Pick::ListLast
+    } else {
+        torch_pickle::Pick::Model
+    };
+    let file_err = |reason: String| WeightsError::File {
+        path: path.into(),
+        reason,
+    };
+    if !path.is_file() {
+        return Err(file_err("no such file".into()));
+    }
+    let tensors: Vec<(String, Tensor)> = torch_pickle::read_pick(path, pick)
+        .map_err(|why| {
+            file_err(format!(
+                "not a DDPM checkpoint ({why}); expected the release's ckpt.pth \
+                 ([model, optimizer, step, ema] state_dicts)"
+            ))
+        })?
+        .into_iter()
+        .map(|(n, t)| (n.strip_prefix("module.").unwrap_or(&n).to_string(), t))
+        .collect();
+    let what = format!(": not a DDPM checkpoint of {}", arch.name());
+    build(
+        path,
+        arch,
+        &tensors,
+        ("conv_in.weight", "classes_emb.weight"),
+        &what,
+    )
 }
 
 #[cfg(test)]

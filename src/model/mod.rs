@@ -153,6 +153,15 @@ impl Model {
         self.compute_t(xs, |x| unet.forward(x, cond, dropout))
     }
 
+    /// A classifier's penultimate features `[N, D]` (eval mode here means
+    /// `train = false`), in fp32.
+    pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let Net::Classifier(net) = &self.net else {
+            panic!("{} is not a classifier", self.arch.name())
+        };
+        self.compute_t(xs, |x| net.features_t(x, train))
+    }
+
     /// The `[C, H, W]` of the images a denoiser generates (`None` for a
     /// classifier).
     pub fn image_shape(&self) -> Option<[i64; 3]> {

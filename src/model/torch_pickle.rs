@@ -295,9 +295,35 @@ fn unpickle(data: &[u8]) -> Result<Value, String> {
     }
 }
 
+/// Which state_dict of a checkpoint to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// The state_dict, the one under "state_dict" or "model", or the first
+    /// dict of a list (the DDPM release's `[model, optimizer, step, ema]`).
+    Model,
+    /// The last dict of such a list: the release's EMA weights.
+    ListLast,
+}
+
 /// The entries of the dict a checkpoint holds: the state_dict itself, or the
-/// one under "state_dict" or "model".
-fn state_dict(value: Value) -> Result<Vec<(Value, Value)>, String> {
+/// one under "state_dict" or "model", or `pick`'s dict of a list.
+fn state_dict(value: Value, pick: Pick) -> Result<Vec<(Value, Value)>, String> {
+    let value = match value {
+        Value::List(items) | Value::Tuple(items) => {
+            let mut dicts = items.into_iter().filter(|v| matches!(v, Value::Dict(_)));
+            let dict = match pick {
+                Pick::Model => dicts.next(),
+                Pick::ListLast => dicts.next_back(),
+            };
+            dict.ok_or("the file holds a list without a dict (expected a state_dict)")?
+        }
+        _ if pick == Pick::ListLast => {
+            return Err(
+                "the file holds no list of state_dicts, so no EMA weights after the model's".into(),
+            );
+        }
+        other => other,
+    };
     let Value::Dict(entries) = value else {
         return Err("the file holds no dict (expected a state_dict)".into());
     };
@@ -316,6 +342,11 @@ fn state_dict(value: Value) -> Result<Vec<(Value, Value)>, String> {
 /// The named tensors of the checkpoint at `path`, in its order; entries
 /// that are not tensors are skipped.
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
+    read_pick(path, Pick::Model)
+}
+
+/// [`read`] of `pick`'s state_dict.
+pub fn read_pick(path: &Path, pick: Pick) -> Result<Vec<(String, Tensor)>, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| {
         format!("not a zip archive ({e}): PyTorch 1.6 and later write one; re-save older files with them")
@@ -337,7 +368,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
     let pickle = entry(&mut zip, "data.pkl")?;
     let mut storages: HashMap<String, Tensor> = HashMap::new();
     let mut out = Vec::new();
-    for (k, v) in state_dict(unpickle(&pickle)?)? {
+    for (k, v) in state_dict(unpickle(&pickle)?, pick)? {
         let (Value::Str(name), Value::Tensor(t)) = (k, v) else {
             continue;
         };

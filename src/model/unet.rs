@@ -55,9 +55,12 @@ pub struct UnetSpec {
     /// Resample with convolutions (`resamp_with_conv`, true) or with
     /// average pooling / plain nearest upsampling.
     pub resamp_with_conv: bool,
+    /// GroupNorm's groups in every normalisation (the release's
+    /// `Normalize` has 32; fewer let a narrow UNet train on a CPU).
+    pub groups: i64,
 }
 
-/// GroupNorm's groups in every normalisation (the release's `Normalize`).
+/// The release's GroupNorm groups.
 pub const GROUPS: i64 = 32;
 
 impl UnetSpec {
@@ -71,6 +74,7 @@ impl UnetSpec {
             dropout: 0.1,
             resolution: 32,
             resamp_with_conv: true,
+            groups: GROUPS,
         }
     }
 
@@ -82,11 +86,16 @@ impl UnetSpec {
                 self.ch, self.ch_mult
             ));
         }
-        if self.ch_mult.iter().any(|m| (self.ch * m) % GROUPS != 0) {
+        if self.groups < 1
+            || self
+                .ch_mult
+                .iter()
+                .any(|m| (self.ch * m) % self.groups != 0)
+        {
             return Err(format!(
                 "ch = {} with ch_mult = {:?}: every level's channels must be a multiple of \
-                 GroupNorm's {GROUPS} groups",
-                self.ch, self.ch_mult
+                 GroupNorm's {} groups",
+                self.ch, self.ch_mult, self.groups
             ));
         }
         if self.num_res_blocks < 1 {
@@ -113,13 +122,18 @@ impl UnetSpec {
     pub fn name(&self) -> String {
         let list = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join("-");
         format!(
-            "ddpm_unet(ch={},mult={},blocks={},attn={},res={}{})",
+            "ddpm_unet(ch={},mult={},blocks={},attn={},res={}{}{})",
             self.ch,
             list(&self.ch_mult),
             self.num_res_blocks,
             list(&self.attn_resolutions),
             self.resolution,
-            if self.resamp_with_conv { "" } else { ",pool" }
+            if self.resamp_with_conv { "" } else { ",pool" },
+            if self.groups == GROUPS {
+                String::new()
+            } else {
+                format!(",groups={}", self.groups)
+            }
         )
     }
 }
@@ -150,12 +164,12 @@ fn swish(x: &Tensor) -> Tensor {
     x * x.sigmoid()
 }
 
-fn group_norm(p: nn::Path, c: i64) -> nn::GroupNorm {
+fn group_norm(p: nn::Path, groups: i64, c: i64) -> nn::GroupNorm {
     let config = nn::GroupNormConfig {
         eps: 1e-6,
         ..Default::default()
     };
-    nn::group_norm(p, GROUPS, c, config)
+    nn::group_norm(p, groups, c, config)
 }
 
 fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
@@ -228,12 +242,12 @@ struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(p: &nn::Path, cin: i64, cout: i64, emb: i64) -> Self {
+    fn new(p: &nn::Path, (cin, cout): (i64, i64), emb: i64, groups: i64) -> Self {
         ResBlock {
-            norm1: group_norm(p / "norm1", cin),
+            norm1: group_norm(p / "norm1", groups, cin),
             conv1: conv(p / "conv1", cin, cout, 3, 1, 1),
             temb_cemb_proj: nn::linear(p / "temb_cemb_proj", emb, cout, Default::default()),
-            norm2: group_norm(p / "norm2", cout),
+            norm2: group_norm(p / "norm2", groups, cout),
             conv2: conv(p / "conv2", cout, cout, 3, 1, 1),
             nin_shortcut: (cin != cout).then(|| conv(p / "nin_shortcut", cin, cout, 1, 1, 0)),
         }
@@ -261,9 +275,9 @@ struct AttnBlock {
 }
 
 impl AttnBlock {
-    fn new(p: &nn::Path, c: i64) -> Self {
+    fn new(p: &nn::Path, c: i64, groups: i64) -> Self {
         AttnBlock {
-            norm: group_norm(p / "norm", c),
+            norm: group_norm(p / "norm", groups, c),
             q: conv(p / "q", c, c, 1, 1, 0),
             k: conv(p / "k", c, c, 1, 1, 0),
             v: conv(p / "v", c, c, 1, 1, 0),
@@ -318,7 +332,7 @@ impl Unet {
     /// Builds the variables under `p` for images of `channels` channels and
     /// `classes` classes (`spec` already checked).
     pub fn new(p: &nn::Path, spec: &UnetSpec, channels: i64, classes: i64) -> Self {
-        let ch = spec.ch;
+        let (ch, g) = (spec.ch, spec.groups);
         let emb = 4 * ch;
         let linear = |p: nn::Path, i: i64, o: i64| nn::linear(p, i, o, Default::default());
         let levels = spec.ch_mult.len();
@@ -337,13 +351,13 @@ impl Unet {
             for i in 0..spec.num_res_blocks {
                 blocks.push(ResBlock::new(
                     &(&lp / "block" / i),
-                    block_in,
-                    block_out,
+                    (block_in, block_out),
                     2 * emb,
+                    g,
                 ));
                 block_in = block_out;
                 if attn_at(res) {
-                    attns.push(AttnBlock::new(&(&lp / "attn" / i), block_in));
+                    attns.push(AttnBlock::new(&(&lp / "attn" / i), block_in, g));
                 }
             }
             let resample = (level + 1 != levels).then(|| {
@@ -369,9 +383,9 @@ impl Unet {
         }
         let mp = p / "mid";
         let mid = (
-            ResBlock::new(&(&mp / "block_1"), block_in, block_in, 2 * emb),
-            AttnBlock::new(&(&mp / "attn_1"), block_in),
-            ResBlock::new(&(&mp / "block_2"), block_in, block_in, 2 * emb),
+            ResBlock::new(&(&mp / "block_1"), (block_in, block_in), 2 * emb, g),
+            AttnBlock::new(&(&mp / "attn_1"), block_in, g),
+            ResBlock::new(&(&mp / "block_2"), (block_in, block_in), 2 * emb, g),
         );
         let mut up: Vec<Level> = Vec::new();
         for level in (0..levels).rev() {
@@ -386,13 +400,13 @@ impl Unet {
                 };
                 blocks.push(ResBlock::new(
                     &(&lp / "block" / i),
-                    block_in + skip,
-                    block_out,
+                    (block_in + skip, block_out),
                     2 * emb,
+                    g,
                 ));
                 block_in = block_out;
                 if attn_at(res) {
-                    attns.push(AttnBlock::new(&(&lp / "attn" / i), block_in));
+                    attns.push(AttnBlock::new(&(&lp / "attn" / i), block_in, g));
                 }
             }
             let resample = (level != 0).then(|| {
@@ -437,7 +451,7 @@ impl Unet {
             down,
             mid,
             up,
-            norm_out: group_norm(p / "norm_out", block_in),
+            norm_out: group_norm(p / "norm_out", g, block_in),
             conv_out: conv(p / "conv_out", block_in, channels, 3, 1, 1),
         }
     }

@@ -49,9 +49,16 @@ impl Task {
     }
 }
 
+/// A classifier: logits, and the penultimate features they are a linear
+/// function of (FID in a classifier's feature space).
+pub trait Classifier: ModuleT {
+    /// The input of the last linear layer `[N, D]`.
+    fn features_t(&self, xs: &Tensor, train: bool) -> Tensor;
+}
+
 /// A built network: a classifier's forward pass or the denoiser.
 pub enum Net {
-    Classifier(Box<dyn ModuleT>),
+    Classifier(Box<dyn Classifier>),
     Denoiser(Box<Unet>),
 }
 
@@ -196,11 +203,17 @@ fn maybe_bn(x: Tensor, bn: &Option<BatchNorm>, train: bool) -> Tensor {
 
 impl ModuleT for MnistCnn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.features_t(xs, train).apply(&self.fc2) // [N, classes]
+    }
+}
+
+impl Classifier for MnistCnn {
+    fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
         // xs: [N, 1, 28, 28]
         let x = maybe_bn(xs.apply(&self.conv1), &self.bn1, train).relu(); // [N, 32, 26, 26]
         let x = maybe_bn(x.apply(&self.conv2), &self.bn2, train).relu(); // [N, 64, 24, 24]
         let x = x.max_pool2d_default(2).flatten(1, -1); // [N, 9216]
-        x.apply(&self.fc1).relu().apply(&self.fc2) // [N, classes]
+        x.apply(&self.fc1).relu() // [N, 128]
     }
 }
 
@@ -346,6 +359,12 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.features_t(xs, train).apply(&self.fc)
+    }
+}
+
+impl Classifier for ResNet {
+    fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
         // xs: [N, C, H, W] → stem: [N, base, H, W] (cifar) or [N, base, H/4, W/4] (imagenet)
         let mut x = xs.apply(&self.conv1).apply_t(&self.bn1, train);
         let _ = x.relu_();
@@ -355,7 +374,7 @@ impl ModuleT for ResNet {
         for block in &self.layers {
             x = block.forward_t(&x, train); // spatial /2 at each stage after the first
         }
-        // global average pool → [N, channels] → [N, classes]
-        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.fc)
+        // global average pool → [N, channels]
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
     }
 }

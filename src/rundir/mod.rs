@@ -10,7 +10,7 @@
 pub mod lock;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,7 @@ use crate::config::RunPlan;
 use crate::data::Cursor;
 use crate::engine::Engine;
 use crate::engine::checkpoint::{self, Checkpointer, Restored};
+use crate::engine::ema::{EMA_FILE, Ema};
 use crate::fsx::{self, sha256_hex};
 use crate::inputs::Inputs;
 use crate::model::{Model, weights};
@@ -150,6 +151,9 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
         "data": inputs.identity(plan),
         "split": inputs.split_hash(),
     });
+    if plan.model.arch.task() == crate::model::Task::Denoise {
+        recipe["diffusion"] = json!(plan.diffusion);
+    }
     crate::model::layout::add_precision(&mut recipe, plan.precision);
     crate::model::norm::add_to_recipe(&mut recipe, &plan.model.arch, plan.model.batchnorm.mode);
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
@@ -254,11 +258,13 @@ pub fn load_checkpoint(
     Ok((state, state_tensors.into_iter().collect()))
 }
 
-/// The bytes of a checkpoint: the model and the run state with optimizer buffers.
+/// The bytes of a checkpoint: the model, the run state with optimizer
+/// buffers, and the EMA weights of a model that keeps them.
 pub fn checkpoint_files(
     model: &Model,
     engine: &Engine,
     state: &RunState,
+    ema: Option<&Ema>,
 ) -> Result<Vec<(String, Vec<u8>)>> {
     let mut meta = BTreeMap::new();
     meta.insert("sfron.arch".to_string(), model.arch.name());
@@ -268,10 +274,43 @@ pub fn checkpoint_files(
     let mut smeta = BTreeMap::new();
     smeta.insert(STATE_KEY.to_string(), serde_json::to_string(state)?);
     let state_bytes = weights::to_bytes(&tensors, &smeta).map_err(anyhow::Error::msg)?;
-    Ok(vec![
+    let mut files = vec![
         (MODEL_FILE.to_string(), model_bytes),
         (STATE_FILE.to_string(), state_bytes),
-    ])
+    ];
+    if let Some(ema) = ema {
+        meta.insert(EMA_DECAY.to_string(), ema.decay().to_string());
+        let bytes = weights::to_bytes(&ema.state(model), &meta).map_err(anyhow::Error::msg)?;
+        files.push((EMA_FILE.to_string(), bytes));
+    }
+    Ok(files)
+}
+
+/// Metadata key of an EMA file's decay.
+pub const EMA_DECAY: &str = "sfron.ema_decay";
+
+/// The EMA of a model that keeps one (a denoiser, at `decay > 0`:
+/// `diffusion.ema_decay` in training, `diffusion.unlearn_ema_decay` in
+/// unlearning), starting at its current weights, or at the averages of
+/// `start`: `(path named in errors, the bytes of an [`EMA_FILE`])`, a
+/// checkpoint's when resuming, the original's when unlearning.
+pub fn ema_for(model: &Model, decay: f64, start: Option<(&Path, &[u8])>) -> Result<Option<Ema>> {
+    if model.task() != crate::model::Task::Denoise || decay <= 0.0 {
+        return Ok(None);
+    }
+    let mut ema = Ema::new(decay, model);
+    if let Some((where_, bytes)) = start {
+        let (tensors, _) =
+            weights::from_bytes(bytes).map_err(|e| anyhow::anyhow!("{}: {e}", where_.display()))?;
+        ema.restore(&tensors.into_iter().collect())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", where_.display()))?;
+    }
+    Ok(Some(ema))
+}
+
+/// A checkpoint's [`EMA_FILE`], as [`ema_for`] takes it.
+pub fn checkpoint_ema(restored: &Restored) -> Result<(PathBuf, &[u8])> {
+    Ok((restored.dir.join(EMA_FILE), restored.file(EMA_FILE)?))
 }
 
 /// Rank 0 creates the run folder, saves the resolved configuration and the

@@ -9,7 +9,7 @@
 
 use super::Which;
 use crate::config::EpochPlan;
-use crate::config::raw::EpochSchedule;
+use crate::config::raw::{DecaySchedule, EpochSchedule};
 use crate::engine::schedule;
 
 /// The iterations of a run and the learning rate of each.
@@ -25,10 +25,18 @@ pub struct Budget {
 impl Budget {
     /// `total` iterations with the cosine stepped every iteration (SFR-on).
     pub fn iterations(total: u64, lr: f64) -> Self {
+        Budget::iterations_with(total, lr, DecaySchedule::Cosine)
+    }
+
+    /// `total` iterations at `lr` moved by `schedule` every iteration.
+    pub fn iterations_with(total: u64, lr: f64, schedule: DecaySchedule) -> Self {
         Budget {
             total,
             lr,
-            schedule: EpochSchedule::Cosine,
+            schedule: match schedule {
+                DecaySchedule::Cosine => EpochSchedule::Cosine,
+                DecaySchedule::Constant => EpochSchedule::Constant,
+            },
             epoch_starts: vec![0],
         }
     }

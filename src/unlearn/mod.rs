@@ -34,6 +34,7 @@ use crate::comm::Comm;
 use crate::config::RunPlan;
 use crate::config::raw::UnlearnMethod;
 use crate::data::{Batch, BatchStream, Cursor, Sampler, Stream};
+use crate::diffusion::{self, draws::Purpose, loss::Denoising, loss::Rows as DenoiseRows};
 pub use crate::engine::Edit;
 use crate::engine::progress::Progress;
 use crate::engine::signals::StopFlag;
@@ -41,8 +42,9 @@ use crate::engine::{Engine, Local, Optimizer, Outcome, Scale, Window, correct};
 use crate::eval;
 use crate::fsx::sha256_hex;
 use crate::inputs::Inputs;
-use crate::model::{Model, weights};
+use crate::model::{Model, Task, weights};
 use crate::rundir::{self, Faults, MODEL_FILE, RunState, STATE_FILE, Status};
+use crate::task::TaskLoss;
 pub use epochs::{Budget, Program};
 
 /// One of the two data streams of an unlearning run.
@@ -60,6 +62,15 @@ impl Which {
             Which::Forget => "forget",
             Which::Remain => "remain",
             Which::Union => "union",
+        }
+    }
+
+    /// What keys a denoiser's draws on this stream.
+    pub fn purpose(self) -> Purpose {
+        match self {
+            Which::Forget => Purpose::Forget,
+            Which::Remain => Purpose::Remain,
+            Which::Union => Purpose::Union,
         }
     }
 }
@@ -115,6 +126,8 @@ pub struct Session<'a> {
     pub device: Device,
     pub inputs: Inputs,
     pub model: Model,
+    /// The model's loss (cross-entropy or denoising; [`crate::task`]).
+    pub task: TaskLoss,
     pub engine: Engine<'a>,
     pub forget: BatchStream,
     pub remain: BatchStream,
@@ -215,23 +228,59 @@ impl Session<'_> {
         train: bool,
         loss: &mut dyn FnMut(&Tensor, &Rows) -> (Tensor, Tensor),
     ) -> Result<Outcome> {
+        self.backward_with(which, t, &mut |s, batch, _| {
+            if !s.model.must_forward(batch.is_empty(), train) {
+                return None;
+            }
+            let rows = Rows {
+                x: batch.images.to_device(s.device),
+                labels: batch.labels.to_device(s.device),
+                indices: batch.indices.clone(),
+            };
+            let logits = s.model.forward_t(&rows.x, train);
+            let (losses, targets) = loss(&logits, &rows);
+            Some((losses.sum(Kind::Float), correct(&logits, &targets)))
+        })
+    }
+
+    /// [`Session::backward`] of a denoiser: `loss(model, denoising, rows)`
+    /// gives each of this rank's rows its loss, the rows carrying the
+    /// draws of `(which, t)` ([`crate::diffusion::draws`]); `train` turns on
+    /// condition dropout and dropout.
+    pub fn denoise_backward(
+        &mut self,
+        which: Which,
+        t: u64,
+        train: bool,
+        loss: &mut dyn FnMut(&Model, &Denoising, &DenoiseRows) -> Tensor,
+    ) -> Result<Outcome> {
+        self.backward_with(which, t, &mut |s, batch, global| {
+            if batch.is_empty() {
+                return None;
+            }
+            let rows = s
+                .task
+                .rows(&s.engine, batch, global, which.purpose(), t, train)?;
+            let den = s.task.denoising(train)?;
+            Some((loss(&s.model, &den, &rows).sum(Kind::Float), 0.0))
+        })
+    }
+
+    /// The task-independent part of a step's first half: reads the next
+    /// global batch of `which` (this rank's share, and the global indices),
+    /// lets `forward` give this rank's loss sum (a graph) and correct count
+    /// (`None`: nothing to back-propagate), back-propagates it and reduces.
+    fn backward_with(&mut self, which: Which, t: u64, forward: &mut ShareLoss) -> Result<Outcome> {
+        let global = self.stream(which).next_global();
         let batch = self.next(which, t)?;
         self.engine.zero_grad();
         let mut local = Local::default();
-        if self.model.must_forward(batch.is_empty(), train) {
-            let rows = Rows {
-                x: batch.images.to_device(self.device),
-                labels: batch.labels.to_device(self.device),
-                indices: batch.indices,
-            };
-            let logits = self.model.forward_t(&rows.x, train);
-            let (losses, targets) = loss(&logits, &rows);
-            let sum = losses.sum(Kind::Float);
+        if let Some((sum, correct)) = forward(self, &batch, &global) {
             self.engine.backward(&sum);
             local = Local {
                 loss_sum: sum.double_value(&[]),
-                correct: correct(&logits, &targets),
-                count: rows.indices.len() as f64,
+                correct,
+                count: batch.len() as f64,
             };
         }
         self.reduce(local, Scale::MeanOverCount, t)
@@ -242,12 +291,30 @@ impl Session<'_> {
         self.engine.finish(out, edit, lr, what)
     }
 
-    /// A plain cross-entropy step on `which` in train mode (FT's step, and
-    /// SFR-on's remain step).
+    /// A plain step of the task's loss on `which` in train mode:
+    /// cross-entropy (FT's step, SFR-on's remain step) or the denoising loss.
+    pub fn task_step(&mut self, which: Which, t: u64, lr: f64, edit: &Edit) -> Result<Outcome> {
+        let mut out = match self.task.task() {
+            Task::Classify => self.backward(which, t, true, &mut ce)?,
+            Task::Denoise => self.denoise_backward(which, t, true, &mut |m, den, rows| {
+                diffusion::loss::per_sample(m, den, rows, true)
+            })?,
+        };
+        let what = format!("iteration {t} ({} step)", which.name());
+        self.finish(&mut out, edit, lr, &what)?;
+        Ok(out)
+    }
+
+    /// [`Session::task_step`] without edits.
     pub fn ce_step(&mut self, which: Which, t: u64, lr: f64) -> Result<Outcome> {
-        self.step(which, t, lr, true, &Edit::default(), &mut ce)
+        self.task_step(which, t, lr, &Edit::default())
     }
 }
+
+/// This rank's loss sum over its share of a batch (a graph) and the rows
+/// it gets right, from the session, the share and the global batch's
+/// dataset indices; `None`: nothing to back-propagate.
+type ShareLoss<'f> = dyn FnMut(&Session, &Batch, &[usize]) -> Option<(Tensor, f64)> + 'f;
 
 /// This rank's share of a batch, on the device.
 pub struct Rows {
@@ -347,6 +414,14 @@ fn method_section(plan: &RunPlan) -> serde_json::Value {
     v.unwrap_or_default()
 }
 
+/// The methods that run on a diffusion model (their losses are the task's).
+pub const DENOISER_METHODS: [UnlearnMethod; 3] =
+    [UnlearnMethod::Sfron, UnlearnMethod::Ft, UnlearnMethod::Ga];
+
+fn takes_denoisers(method: UnlearnMethod) -> bool {
+    DENOISER_METHODS.contains(&method)
+}
+
 /// The method of the plan.
 fn method(plan: &RunPlan) -> Box<dyn Method> {
     let b = &plan.baselines;
@@ -404,6 +479,19 @@ fn fill_state(s: &Session, state: &mut RunState) {
 /// Runs `sfron unlearn`.
 pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> Result<Status> {
     let u = &plan.unlearn;
+    if plan.model.arch.task() == Task::Denoise && !takes_denoisers(u.method) {
+        bail!(
+            "unlearn.method = {:?} works on a classifier's logits; for a diffusion model ({}) use \
+             one of {}",
+            u.method.as_str(),
+            plan.model.arch.name(),
+            DENOISER_METHODS
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let from = u
         .from
         .clone()
@@ -467,6 +555,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         union: None,
         budget: Budget::iterations(1, 1.0),
         inputs,
+        task: TaskLoss::new(plan, &model, device),
         model,
         engine,
         from_hash,
@@ -480,7 +569,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     // A checkpoint is read and checked before any work; its weights are
     // put in place after the method has prepared on the original ones.
     let mut resumed = None;
+    // Where the EMA starts: a checkpoint's, or the original's (read below).
+    let mut ema_start: Option<(std::path::PathBuf, Vec<u8>)> = None;
+    let decay = plan.diffusion.unlearn_ema_decay;
+    let keeps_ema = s.task.task() == Task::Denoise && decay > 0.0;
     if let Some(restored) = rundir::restore_everywhere(comm, plan)? {
+        if keeps_ema {
+            let (path, bytes) = rundir::checkpoint_ema(&restored)?;
+            ema_start = Some((path, bytes.to_vec()));
+        }
         let original = (s.engine.param_copies(), s.engine.buffer_copies());
         let (saved, tensors) =
             rundir::load_checkpoint(&restored, &s.model, &recipe, &split, &command)?;
@@ -533,7 +630,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         "{command}: {}",
         s.model.arch.name()
     );
-    if start == 0 && u.eval_before {
+    // A diffusion model's scores are generation metrics (`sfron eval`,
+    // `sfron study`); its runs log the forget and remain losses.
+    let classifier = s.task.task() == Task::Classify;
+    if start == 0 && u.eval_before && classifier {
         let [f, r, te] = evaluate(&s, u.batch)?;
         let scores = json!({"forget_acc": f.accuracy(), "remain_acc": r.accuracy(),
             "test_acc": te.accuracy(), "forget_loss": f.mean_loss(),
@@ -572,6 +672,19 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         }
     }
     let broadcast_s = s.engine.broadcast_state()?;
+    if ema_start.is_none() && keeps_ema {
+        // The release starts the forgetting's EMA from the original's.
+        let sibling = from.with_file_name(crate::engine::ema::EMA_FILE);
+        if sibling.is_file() {
+            ema_start = Some((sibling.clone(), weights::read(&sibling)?));
+        }
+    }
+    let mut ema = rundir::ema_for(
+        &s.model,
+        decay,
+        ema_start.as_ref().map(|(p, b)| (p.as_path(), b.as_slice())),
+    )?;
+    drop(ema_start);
 
     let mut windows = Windows::new();
     let mut comm_mark = s.engine.comm_seconds;
@@ -588,6 +701,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             }
         };
         s.faults.after_step(comm.rank(), t, &s.engine.params);
+        if let Some(ema) = ema.as_mut() {
+            ema.update(&s.engine.params);
+        }
         t += 1;
         windows.add(&it);
         if t.is_multiple_of(u.log_every) || t == end {
@@ -605,8 +721,12 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             {
                 if let (Some(loss), Some(acc)) = (w.loss(), w.acc()) {
                     rec[format!("{}_loss", which.name())] = json!(loss);
-                    rec[format!("{}_acc", which.name())] = json!(acc);
-                    line.push(format!("{} loss {loss:.3} acc {acc:.1}%", which.name()));
+                    if classifier {
+                        rec[format!("{}_acc", which.name())] = json!(acc);
+                        line.push(format!("{} loss {loss:.3} acc {acc:.1}%", which.name()));
+                    } else {
+                        line.push(format!("{} loss {loss:.3}", which.name()));
+                    }
                 }
                 if let Some(norm) = w.grad_norm() {
                     rec[format!("{}_grad_norm", which.name())] = json!(norm);
@@ -621,7 +741,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         if u.verify_every > 0 && t.is_multiple_of(u.verify_every) {
             s.engine.verify_identical(&what)?;
         }
-        if u.eval_every > 0 && t.is_multiple_of(u.eval_every) && t < end {
+        if classifier && u.eval_every > 0 && t.is_multiple_of(u.eval_every) && t < end {
             let [f, r, te] = evaluate(&s, u.batch)?;
             progress.record(json!({"event": "eval", "step": t, "forget_acc": f.accuracy(),
                 "remain_acc": r.accuracy(), "test_acc": te.accuracy(),
@@ -635,7 +755,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             state.elapsed_s = base_seconds + started.elapsed().as_secs_f64();
             fill_state(&s, &mut state);
             if let Some(c) = checkpoints.as_mut() {
-                c.save(t, rundir::checkpoint_files(&s.model, &s.engine, &state)?)?;
+                c.save(
+                    t,
+                    rundir::checkpoint_files(&s.model, &s.engine, &state, ema.as_ref())?,
+                )?;
                 if stop {
                     c.wait()?;
                 }
@@ -660,7 +783,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     // Wall time of the unlearning itself (every resumed part, preparation included).
     let elapsed = base_seconds + started.elapsed().as_secs_f64();
     progress.finish();
-    let after = if u.eval_after {
+    let after = if u.eval_after && classifier {
         let [f, r, te] = evaluate(&s, u.batch)?;
         progress.record(
             json!({"event": "final", "step": end, "forget_acc": f.accuracy(),
@@ -676,6 +799,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         let out = plan.run_dir.join(MODEL_FILE);
         let mut meta = rundir::final_meta(&state, &s.model, end);
         meta.insert("sfron.from".into(), s.from_hash.clone());
+        if let Some(ema) = &ema {
+            let mut meta = meta.clone();
+            meta.insert(rundir::EMA_DECAY.into(), ema.decay().to_string());
+            weights::save(
+                &plan.run_dir.join(crate::engine::ema::EMA_FILE),
+                &ema.state(&s.model),
+                &meta,
+            )?;
+        }
         s.model.save(&out, meta)?;
         let summary = json!({
             "method": u.method.as_str(), "from": from.display().to_string(),

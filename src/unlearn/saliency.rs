@@ -26,6 +26,7 @@ use tch::{Kind, Tensor};
 use super::Session;
 use crate::config::Saliency;
 use crate::data::{BatchStream, Cursor, Sampler, Stream};
+use crate::diffusion::draws::Purpose;
 use crate::engine::{Scale, backward_ce_sum};
 use crate::inputs::Inputs;
 use crate::model::weights;
@@ -70,12 +71,25 @@ fn fisher(
         [s.engine.flat_grad().numel() as i64],
         (Kind::Float, s.device),
     );
+    let purpose = if phase == "fisher_remain" {
+        Purpose::FisherRemain
+    } else {
+        Purpose::Fisher
+    };
+    let clip = s.plan.sfron.fisher_clip;
     for k in 0..batches {
         let global = stream.next_global();
         s.trace(phase, k, &global)?;
         let b = stream.next_batch()?;
         s.engine.zero_grad();
-        let local = backward_ce_sum(&mut s.engine, &s.model, &b, s.device, false);
+        let local = s.task.backward_sum_guided(
+            &mut s.engine,
+            &s.model,
+            &b,
+            &global,
+            (purpose, k),
+            (false, s.plan.sfron.fisher_guidance),
+        );
         if phase == "fisher_remain" && k == 0 {
             s.faults.in_fisher(s.comm.rank());
         }
@@ -87,7 +101,11 @@ fn fisher(
         if !out.applied {
             bail!("{phase} batch {k}: the loss or gradient is not finite (the original model?)");
         }
-        let g = s.engine.flat_grad();
+        let g = match clip {
+            // clip_grad_norm_ before squaring (the DDPM release's Fisher).
+            Some(c) => s.engine.flat_grad() * (c / (out.grad_norm + 1e-6)).min(1.0),
+            None => s.engine.flat_grad(),
+        };
         let _ = sum.shallow_clone().addcmul_(&g, &g);
     }
     s.engine.zero_grad();
@@ -183,7 +201,7 @@ pub fn save_mask(s: &Session, mask: &Tensor, meta: BTreeMap<String, String>) -> 
 /// What the Fisher depends on: a cache with another key is stale.
 fn cache_key(s: &Session) -> String {
     let p = &s.plan.sfron;
-    json!({
+    let mut key = json!({
         "from": s.from_hash,
         "split": s.inputs.split_hash(),
         "arch": s.model.arch.name(),
@@ -192,8 +210,17 @@ fn cache_key(s: &Session) -> String {
         "seed": s.plan.seed,
         "transform": format!("{:?}", s.plan.data.train_transform),
         "dataset": s.inputs.train.fingerprint,
-    })
-    .to_string()
+    });
+    // Settings added later enter the key only when set, so caches written
+    // before them stay valid.
+    if let Some(c) = p.fisher_clip {
+        key["fisher_clip"] = json!(c);
+    }
+    if s.task.task() == crate::model::Task::Denoise {
+        key["fisher_guidance"] = json!(p.fisher_guidance);
+        key["diffusion"] = json!(s.plan.diffusion);
+    }
+    key.to_string()
 }
 
 fn cache_path(s: &Session) -> PathBuf {

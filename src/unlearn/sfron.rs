@@ -26,13 +26,11 @@ use tch::{Kind, Reduction, Tensor};
 
 use super::saliency::{self, Fisher};
 use super::{Budget, Edit, Iteration, Method, Session, Which};
-use crate::config::raw::LossPrecision;
+use crate::config::raw::{DecaySchedule, LossPrecision};
 use crate::config::{Saliency, SfronPlan};
+use crate::diffusion::{self, draws::Purpose};
 use crate::engine::progress::Progress;
 use crate::engine::{Local, Outcome, Scale, correct, schedule};
-
-/// Added to `ℓ_i^λ` before the reciprocal (DESIGN §1.2).
-const WEIGHT_EPS: f64 = 1e-15;
 
 pub struct Sfron {
     plan: SfronPlan,
@@ -47,7 +45,12 @@ impl Sfron {
 
     /// The forget step of iteration `t` at learning rate `lr`.
     fn forget_step(&mut self, s: &mut Session, t: u64, lr: f64) -> Result<Outcome> {
-        let alpha = self.plan.alpha * schedule::cosine(t, s.iterations());
+        let alpha = self.plan.alpha
+            * match self.plan.alpha_schedule {
+                DecaySchedule::Cosine => schedule::cosine(t, s.iterations()),
+                DecaySchedule::Constant => 1.0,
+            };
+        let global = s.stream(Which::Forget).next_global();
         let batch = s.next(Which::Forget, t)?;
         s.engine.zero_grad();
         // Autograd keeps the running statistics for the backward pass: they
@@ -56,20 +59,27 @@ impl Sfron {
             .plan
             .freeze_bn_on_forget
             .then(|| s.engine.buffer_copies());
-        // Forget steps run in train mode.
-        let rows = s.model.must_forward(batch.is_empty(), true).then(|| {
-            (
+        // Forget steps run in train mode: this rank's per-row losses ℓ_i and
+        // their correct count (none for a denoiser).
+        let losses = if !s.model.must_forward(batch.is_empty(), true) {
+            None
+        } else if let Some(rows) = s
+            .task
+            .rows(&s.engine, &batch, &global, Purpose::Forget, t, true)
+        {
+            let den = s.task.denoising(true).expect("a denoiser");
+            Some((
+                diffusion::loss::per_sample(&s.model, &den, &rows, true),
+                0.0,
+            ))
+        } else {
+            let (x, y) = (
                 batch.images.to_device(s.device),
                 batch.labels.to_device(s.device),
-            )
-        });
-        let local = forget_backward(
-            &s.model,
-            &mut s.engine,
-            rows.as_ref().map(|(x, y)| (x, y)),
-            &self.plan,
-            alpha,
-        );
+            );
+            Some(ce_losses(&s.model, &x, &y, self.plan.loss_precision))
+        };
+        let local = forget_backward(&mut s.engine, losses, &self.plan, alpha);
         if let Some(saved) = frozen {
             s.engine.restore_buffers(&saved);
         }
@@ -110,24 +120,37 @@ pub fn per_sample_loss(logits: &Tensor, labels: &Tensor, precision: LossPrecisio
     }
 }
 
-/// The adaptive weights `c_i = 1/(ℓ_i^λ + 1e-15)` of detached losses, in
-/// the losses' precision (float64 for `Exact`: finite, positive and
-/// non-increasing in `ℓ_i`; float32 for `Released`, where every `ℓ_i = 0`
-/// weighs 1e15).
-pub fn adaptive_weights(losses: &Tensor, lambda: f64) -> Tensor {
-    (losses.detach().pow_tensor_scalar(lambda) + WEIGHT_EPS).reciprocal()
+/// A classifier's forget-step losses: per-row cross-entropy of the
+/// train-mode logits of `x` ([`per_sample_loss`]), and the rows it gets right.
+pub fn ce_losses(
+    model: &crate::model::Model,
+    x: &Tensor,
+    y: &Tensor,
+    precision: LossPrecision,
+) -> (Tensor, f64) {
+    let logits = model.forward_t(x, true);
+    (per_sample_loss(&logits, y, precision), correct(&logits, y))
 }
 
-/// The forget step's loss and backward pass on this rank's share `rows`
-/// (images, labels; `None`: an empty share, which still joins the
-/// normaliser's sum): per-sample cross-entropy `ℓ_i` in train mode
-/// ([`per_sample_loss`]), `c_i = 1/(ℓ_i^λ + 1e-15)` normalised over the
-/// global batch, and the backward pass of `−α Σ_i ε_i ℓ_i`. The gradient is
-/// left in `.grad` for [`crate::engine::Engine::reduce`] (with [`Scale::Sum`]).
+/// The adaptive weights `c_i = 1/(ℓ_i^λ + eps)` of detached losses, in
+/// the losses' precision (float64 for `Exact`: finite, positive and
+/// non-increasing in `ℓ_i`; float32 for `Released`, where every `ℓ_i = 0`
+/// weighs `1/eps`).
+pub fn adaptive_weights(losses: &Tensor, lambda: f64, eps: f64) -> Tensor {
+    (losses.detach().pow_tensor_scalar(lambda) + eps).reciprocal()
+}
+
+/// The forget step's backward pass from this rank's per-row losses `ℓ_i`
+/// (a graph, with the rows' correct count; `None`: an empty share, which
+/// still joins the normaliser's sum): `c_i = 1/(ℓ_i^λ + eps)` normalised
+/// over the global batch, and the backward pass of `−α Σ_i ε_i ℓ_i`. The
+/// gradient is left in `.grad` for [`crate::engine::Engine::reduce`] (with
+/// [`Scale::Sum`]). The losses are the task's: cross-entropy
+/// ([`per_sample_loss`]) or the denoising loss (the release's
+/// `adaptive_loss`, the same weights with eps 1e-8).
 pub fn forget_backward(
-    model: &crate::model::Model,
     engine: &mut crate::engine::Engine,
-    rows: Option<(&Tensor, &Tensor)>,
+    losses: Option<(Tensor, f64)>,
     plan: &SfronPlan,
     alpha: f64,
 ) -> Local {
@@ -135,17 +158,15 @@ pub fn forget_backward(
     // This rank's Σ c_i ℓ_i (a graph) and Σ c_i, before the global normaliser.
     let mut weighted = None;
     let mut c_sum = 0.0;
-    if let Some((x, y)) = rows {
-        let logits = model.forward_t(x, true);
-        let losses = per_sample_loss(&logits, y, plan.loss_precision);
+    if let Some((losses, correct)) = losses {
         let kind = losses.kind();
-        let c = adaptive_weights(&losses, plan.lambda);
+        let c = adaptive_weights(&losses, plan.lambda, plan.weight_eps);
         c_sum = c.sum(kind).double_value(&[]);
         weighted = Some((&c * &losses).sum(kind));
         local = Local {
             loss_sum: losses.sum(kind).double_value(&[]),
-            correct: correct(&logits, y),
-            count: y.size()[0] as f64,
+            correct,
+            count: losses.size()[0] as f64,
         };
     }
     // ε_i = c_i / Σ_j c_j over the global batch.
@@ -160,7 +181,7 @@ pub fn forget_backward(
 
 impl Method for Sfron {
     fn budget(&mut self, _: &mut Session) -> Budget {
-        Budget::iterations(self.plan.iterations, self.plan.lr)
+        Budget::iterations_with(self.plan.iterations, self.plan.lr, self.plan.lr_schedule)
     }
 
     fn prepare(&mut self, s: &mut Session, progress: &mut Progress) -> Result<bool> {
@@ -206,7 +227,11 @@ impl Method for Sfron {
         } else {
             None
         };
-        let remain = Some(s.ce_step(Which::Remain, t, lr)?);
+        let edit = Edit {
+            clip: self.plan.remain_clip,
+            ..Edit::default()
+        };
+        let remain = Some(s.task_step(Which::Remain, t, lr, &edit)?);
         if let Some(prev) = before {
             // θ ← θ_prev + β(θ − θ_prev)
             tch::no_grad(|| {
@@ -280,6 +305,7 @@ mod tests {
             let exact = values(&adaptive_weights(
                 &per_sample_loss(&logits, &labels, LossPrecision::Exact),
                 lambda,
+                1e-15,
             ));
             assert!(exact.iter().all(|c| c.is_finite() && *c > 0.0), "{exact:?}");
             // Losses fall as the margin grows, so weights must rise: strictly
@@ -298,6 +324,7 @@ mod tests {
             let released = values(&adaptive_weights(
                 &per_sample_loss(&logits, &labels, LossPrecision::Released),
                 lambda,
+                1e-15,
             ));
             // Every margin past float32's cut-off weighs the same 1e15.
             let tied = released.iter().filter(|&&c| c == released[20]).count();

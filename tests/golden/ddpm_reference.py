@@ -7,13 +7,19 @@ the release's.
   ddpm_reference.py make DIR SPEC    a randomly initialised UNet of the shape
                         in the JSON SPEC (ch, ch_mult, num_res_blocks,
                         attn_resolutions, resolution, resamp_with_conv,
-                        channels, classes), GroupNorm affine parameters
+                        groups, channels, classes), GroupNorm affine parameters
                         randomised too; saves DIR/unet.safetensors and
                         DIR/unet.io.safetensors with inputs x, t (float
                         timesteps), c, keep (1 = class kept, 0 = null class)
                         and outputs y (eval mode) and g (guided: (1 + w) cond
                         - w uncond, w = 2, the release's
                         _forward_with_cond_scale).
+  ddpm_reference.py ckpt DIR SPEC    a checkpoint as the release's DDPM
+                        runner saves it: torch.save([model.state_dict(),
+                        optimizer.state_dict(), step, ema_state]) of a
+                        DataParallel model (keys prefixed "module."), as
+                        DIR/ckpt.pth, with the expected tensors (no prefix)
+                        in DIR/raw.safetensors and DIR/ema.safetensors.
   ddpm_reference.py check DIR SPEC   loads DIR/unet.sfron.safetensors strictly,
                         runs DIR/unet.sfron_io.safetensors' inputs, prints
                         one JSON line with the largest |difference| from
@@ -36,8 +42,11 @@ def swish(x):
     return x * torch.sigmoid(x)
 
 
+GROUPS = [32]  # the spec's "groups" (the release: 32)
+
+
 def norm(c):
-    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
+    return nn.GroupNorm(GROUPS[0], c, eps=1e-6, affine=True)
 
 
 def timestep_embedding(t, dim):
@@ -205,6 +214,17 @@ def make(out, spec):
               f"{out}/unet.io.safetensors")
 
 
+def ckpt(out, spec):
+    torch.manual_seed(12)
+    model = torch.nn.DataParallel(Unet(spec))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    ema = {k: v.detach().clone() + 0.01 for k, v in model.named_parameters()}
+    torch.save([model.state_dict(), opt.state_dict(), 7, ema], f"{out}/ckpt.pth")
+    strip = lambda d: {k.removeprefix("module."): v.contiguous() for k, v in d.items()}
+    save_file(strip(model.state_dict()), f"{out}/raw.safetensors")
+    save_file(strip(ema), f"{out}/ema.safetensors")
+
+
 def check(out, spec):
     model = Unet(spec).eval()
     model.load_state_dict(load_file(f"{out}/unet.sfron.safetensors"), strict=True)
@@ -216,4 +236,6 @@ def check(out, spec):
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    {"make": make, "check": check}[sys.argv[1]](sys.argv[2], json.loads(sys.argv[3]))
+    spec = json.loads(sys.argv[3])
+    GROUPS[0] = spec.get("groups", 32)
+    {"make": make, "check": check, "ckpt": ckpt}[sys.argv[1]](sys.argv[2], spec)

@@ -1,0 +1,297 @@
+//! `sfron sample`: images from a diffusion model, per class, seeded and
+//! sharded across ranks.
+//!
+//! The images are the rows `(class, index)` for each class of
+//! `sample.classes` and index `0..per_class`, in that order; rank r of W
+//! generates its contiguous share of them in batches of `sample.batch`.
+//! Each image draws its noise from its own key `(seed, class, index)`
+//! ([`crate::diffusion::sample`]), so the images do not depend on the
+//! rank count or the batch size. Rank 0 gathers them and writes, in the run
+//! folder:
+//! - `samples.safetensors`: `images` uint8 `[N, C, H, W]` (the model's
+//!   [−1, 1] mapped to 0..255 as the release's `torch2hwcuint8` and
+//!   `save_image` do: `round(255 · clamp((x + 1)/2, 0, 1))`), `labels`
+//!   int64 `[N]`, and in its metadata which weights were sampled;
+//! - `grid.png`: one row per class, the first `sample.grid` images of it;
+//! - `sample.json`: what was generated, with what, in how long.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::comm::Comm;
+use crate::config::RunPlan;
+use crate::config::raw::{SampleMethod, SampleWeights};
+use crate::data::sampler::share;
+use crate::diffusion::sample::{self, Method, Plan};
+use crate::diffusion::schedule::Schedule;
+use crate::engine::ema::EMA_FILE;
+use crate::engine::progress::Progress;
+use crate::model::{Model, weights};
+use crate::rng::{Rng, tag};
+use crate::rundir::{EMA_DECAY, MODEL_FILE, Status, save_config};
+
+/// The file of the generated images in the run folder.
+pub const SAMPLES_FILE: &str = "samples.safetensors";
+
+/// Which weights file `sample.from` names, and whether it holds an EMA.
+pub fn weights_file(from: &Path, which: SampleWeights) -> Result<(PathBuf, bool)> {
+    if from.as_os_str().is_empty() {
+        bail!("sample.from is not set: name a weights file or a run folder (--from PATH)");
+    }
+    if from.is_dir() {
+        let name = match which {
+            SampleWeights::Ema => EMA_FILE,
+            SampleWeights::Raw => MODEL_FILE,
+        };
+        let path = from.join(name);
+        if !path.is_file() {
+            bail!(
+                "{} has no {name} (sample.weights = {:?}): not a finished run folder of a \
+                 diffusion model{}",
+                from.display(),
+                which.as_str(),
+                if which == SampleWeights::Ema {
+                    ", or one trained with diffusion.ema_decay = 0 (use sample.weights = \"raw\")"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Ok((path, which == SampleWeights::Ema));
+    }
+    if !from.is_file() {
+        bail!("sample.from = {}: no such file or folder", from.display());
+    }
+    let (_, meta) = weights::load(from)?;
+    Ok((from.to_path_buf(), meta.contains_key(EMA_DECAY)))
+}
+
+/// Builds the configured denoiser and loads `path` into it; image channels
+/// and classes are read from the file (`conv_in`, `classes_emb`).
+pub fn load_denoiser(plan: &RunPlan, path: &Path, device: Device) -> Result<Model> {
+    let (tensors, _) = weights::load(path)?;
+    let shape = |name: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.size())
+            .with_context(|| {
+                format!(
+                    "{}: no {name}: not the weights of a diffusion model ({})",
+                    path.display(),
+                    plan.model.arch.name()
+                )
+            })
+    };
+    let (conv_in, classes) = (shape("conv_in.weight")?, shape("classes_emb.weight")?);
+    let mut model = Model::new(plan.model.arch.clone(), conv_in[1], classes[0], device);
+    model.load(path)?;
+    model
+        .set_compute(plan.compute())
+        .map_err(anyhow::Error::msg)?;
+    Ok(model)
+}
+
+/// The sampler `[sample]` asks for.
+pub fn sampler_plan(plan: &RunPlan) -> Plan {
+    let s = &plan.sample;
+    Plan {
+        method: match s.method {
+            SampleMethod::Ddim => Method::Ddim { eta: s.eta },
+            SampleMethod::Ddpm => Method::Ddpm,
+        },
+        steps: s.steps,
+        guidance: s.guidance,
+    }
+}
+
+/// The key of image `index` of `class`.
+pub fn image_key(seed: u64, class: i64, index: u64) -> u64 {
+    Rng::keyed(&[seed, tag::SAMPLE, class as u64, index]).next_u64()
+}
+
+/// `[−1, 1]` floats to uint8 pixels.
+pub fn to_pixels(x: &Tensor) -> Tensor {
+    ((x + 1.0) / 2.0)
+        .clamp(0.0, 1.0)
+        .g_mul_scalar(255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+}
+
+/// Generates `rows` (class, index) across the ranks; rank 0 gets every
+/// image as uint8 `[N, C, H, W]` in row order (other ranks `None`).
+pub fn generate_sharded(
+    comm: &Comm,
+    model: &Model,
+    schedule: &Schedule,
+    plan: &RunPlan,
+    rows: &[(i64, u64)],
+    progress: &mut Progress,
+) -> Result<Option<Tensor>> {
+    let sampler = sampler_plan(plan);
+    let shape = model.image_shape().context("not a denoiser")?;
+    let mine = &rows[share(rows.len(), comm.rank(), comm.size())];
+    let per_batch = plan.sample.batch as usize;
+    let mut done = 0u64;
+    let mut local = Vec::new();
+    for chunk in mine.chunks(per_batch) {
+        let classes: Vec<i64> = chunk.iter().map(|r| r.0).collect();
+        let keys: Vec<u64> = chunk
+            .iter()
+            .map(|&(c, i)| image_key(plan.seed, c, i))
+            .collect();
+        let finished = local.len() * per_batch;
+        let x = sample::generate(model, schedule, &sampler, &classes, &keys, || {
+            done += 1;
+            progress.show(done, &format!("{finished} of {} images", mine.len()));
+        });
+        local.push(to_pixels(&x).to_device(Device::Cpu));
+    }
+    let bytes: Vec<u8> = if local.is_empty() {
+        Vec::new()
+    } else {
+        let all = Tensor::cat(&local, 0).contiguous();
+        Vec::<u8>::try_from(all.reshape([-1])).context("uint8 images")?
+    };
+    let gathered = comm.gather_bytes(&bytes, 0);
+    Ok(gathered.map(|parts| {
+        let flat: Vec<u8> = parts.concat();
+        Tensor::from_slice(&flat).view([rows.len() as i64, shape[0], shape[1], shape[2]])
+    }))
+}
+
+/// A PNG of `images` uint8 `[N, C, H, W]` laid out `rows × cols` (row-major,
+/// missing cells black), 2-pixel gaps.
+pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
+    let (n, c, h, w) = images.size4().context("NCHW images")?;
+    let (n, c, h, w) = (n as usize, c as usize, h as usize, w as usize);
+    let rows = n.div_ceil(cols.max(1)).max(1);
+    let gap = 2;
+    let (gw, gh) = (cols * (w + gap) + gap, rows * (h + gap) + gap);
+    let mut canvas = image::RgbImage::new(gw as u32, gh as u32);
+    let pixels: Vec<u8> = Vec::try_from(images.contiguous().reshape([-1]))?;
+    for k in 0..n {
+        let (r, q) = (k / cols, k % cols);
+        let base = k * c * h * w;
+        for y in 0..h {
+            for x in 0..w {
+                let at = |ch: usize| pixels[base + ch * h * w + y * w + x];
+                let rgb = if c == 1 {
+                    [at(0); 3]
+                } else {
+                    [at(0), at(1), at(2)]
+                };
+                let (px, py) = (gap + q * (w + gap) + x, gap + r * (h + gap) + y);
+                canvas.put_pixel(px as u32, py as u32, image::Rgb(rgb));
+            }
+        }
+    }
+    let mut bytes = Vec::new();
+    canvas
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .context("encoding PNG")?;
+    crate::fsx::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The first `per_row` images of each class, one class per grid row.
+pub fn grid_rows(images: &Tensor, labels: &[i64], classes: &[i64], per_row: usize) -> Tensor {
+    let mut picked = Vec::new();
+    for &c in classes {
+        let idx: Vec<i64> = labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l == c)
+            .map(|(i, _)| i as i64)
+            .take(per_row)
+            .collect();
+        for &i in &idx {
+            picked.push(images.get(i));
+        }
+        for _ in idx.len()..per_row {
+            picked.push(images.get(0).zeros_like());
+        }
+    }
+    Tensor::stack(&picked, 0)
+}
+
+/// Runs `sfron sample`.
+pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
+    let s = &plan.sample;
+    let (path, ema) = weights_file(Path::new(&s.from), s.weights)?;
+    let model = load_denoiser(plan, &path, device)?;
+    let classes: Vec<i64> = if s.classes.is_empty() {
+        (0..model.classes).collect()
+    } else {
+        s.classes.clone()
+    };
+    if let Some(c) = classes.iter().find(|&&c| c >= model.classes) {
+        bail!(
+            "sample.classes: class {c} is not in {} (its model has {} classes, 0 to {})",
+            path.display(),
+            model.classes,
+            model.classes - 1
+        );
+    }
+    let rows: Vec<(i64, u64)> = classes
+        .iter()
+        .flat_map(|&c| (0..s.per_class).map(move |i| (c, i)))
+        .collect();
+    let schedule = Schedule::of(&plan.diffusion, device);
+    let visits = sample::timesteps(schedule.steps(), s.steps).len() as u64;
+    let local_rows = share(rows.len(), comm.rank(), comm.size()).len();
+    let total = visits * local_rows.div_ceil(s.batch as usize) as u64;
+    if comm.is_root() {
+        std::fs::create_dir_all(&plan.run_dir)
+            .with_context(|| format!("creating {}", plan.run_dir.display()))?;
+        save_config(plan)?;
+    }
+    let mut progress = Progress::new(&plan.run_dir, comm.is_root(), "sample", total, 0)?;
+    tracing::info!(
+        images = rows.len(),
+        classes = classes.len(),
+        weights = %path.display(),
+        ema,
+        steps = visits,
+        guidance = s.guidance,
+        "sample"
+    );
+    let started = Instant::now();
+    let images = generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?;
+    progress.finish();
+    if let Some(images) = images {
+        let labels: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let which = if ema { "ema" } else { "raw" };
+        let mut meta = BTreeMap::new();
+        meta.insert("sfron.sampled_weights".into(), which.to_string());
+        meta.insert("sfron.sampled_from".into(), path.display().to_string());
+        meta.insert("sfron.arch".into(), model.arch.name());
+        let tensors = [
+            ("images".to_string(), images.shallow_clone()),
+            ("labels".to_string(), Tensor::from_slice(&labels)),
+        ];
+        weights::save(&plan.run_dir.join(SAMPLES_FILE), &tensors, &meta)?;
+        let grid = grid_rows(&images, &labels, &classes, s.grid as usize);
+        save_grid(&plan.run_dir.join("grid.png"), &grid, s.grid as usize)?;
+        let summary = json!({
+            "command": "sample", "images": rows.len(), "classes": classes,
+            "per_class": s.per_class, "weights": which, "from": path.display().to_string(),
+            "method": s.method.as_str(), "steps": visits, "eta": s.eta, "guidance": s.guidance,
+            "seed": plan.seed, "ranks": comm.size(), "seconds": started.elapsed().as_secs_f64(),
+        });
+        let out = plan.run_dir.join("sample.json");
+        crate::fsx::write_atomic(&out, serde_json::to_string_pretty(&summary)?.as_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
+        tracing::info!(path = %plan.run_dir.join(SAMPLES_FILE).display(), "sample done");
+    }
+    comm.barrier();
+    Ok(Status::Done)
+}

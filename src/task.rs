@@ -1,0 +1,126 @@
+//! The loss a model is trained with, chosen by its architecture's task
+//! ([`crate::model::Task`]): cross-entropy for a classifier, the denoising
+//! loss for a diffusion model. `train`, the unlearning harness and the
+//! Fisher passes call [`TaskLoss::backward_sum`] at the one place of the
+//! step skeleton where the tasks differ; the reduction, the edits and the
+//! optimizer step around it are the engine's, the same for both.
+
+use tch::Device;
+
+use crate::config::RunPlan;
+use crate::data::Batch;
+use crate::diffusion::draws::{Key, Purpose};
+use crate::diffusion::loss::{self, Denoising, Rows};
+use crate::diffusion::schedule::Schedule;
+use crate::engine::{Engine, Local, backward_ce_sum};
+use crate::model::{Model, Task};
+
+/// A model's loss, with what it needs (a denoiser's schedule).
+pub struct TaskLoss {
+    task: Task,
+    schedule: Option<Schedule>,
+    cond_drop: f64,
+    seed: u64,
+    device: Device,
+}
+
+impl TaskLoss {
+    /// The loss of `model`'s task under `plan`, on `device`.
+    pub fn new(plan: &RunPlan, model: &Model, device: Device) -> Self {
+        let task = model.task();
+        let d = &plan.diffusion;
+        TaskLoss {
+            task,
+            schedule: (task == Task::Denoise).then(|| Schedule::of(d, device)),
+            cond_drop: d.cond_drop,
+            seed: plan.seed,
+            device,
+        }
+    }
+
+    pub fn task(&self) -> Task {
+        self.task
+    }
+
+    /// A denoiser's loss settings (`None` for a classifier); `train` turns
+    /// condition dropout on.
+    pub fn denoising(&self, train: bool) -> Option<Denoising<'_>> {
+        self.schedule.as_ref().map(|schedule| Denoising {
+            schedule,
+            cond_drop: if train { self.cond_drop } else { 0.0 },
+            guidance: 0.0,
+        })
+    }
+
+    /// A denoiser's rows of `batch` with the draws of `(purpose, step)`
+    /// (`global`: the global batch's dataset indices).
+    pub fn rows(
+        &self,
+        engine: &Engine,
+        batch: &Batch,
+        global: &[usize],
+        purpose: Purpose,
+        step: u64,
+        train: bool,
+    ) -> Option<Rows> {
+        let den = self.denoising(train)?;
+        let key = Key {
+            seed: self.seed,
+            purpose,
+            step,
+        };
+        let comm = engine.comm();
+        Some(Rows::new(
+            &den,
+            key,
+            batch,
+            global,
+            comm.rank(),
+            comm.size(),
+            self.device,
+        ))
+    }
+
+    /// Back-propagates the *sum* over this rank's rows of `batch` of the
+    /// task's per-sample loss into `engine` (train or eval mode) and returns
+    /// the rank's statistics. `global` is the global batch's dataset
+    /// indices and `(purpose, step)` keys a denoiser's draws; a classifier
+    /// uses neither.
+    pub fn backward_sum(
+        &self,
+        engine: &mut Engine,
+        model: &Model,
+        batch: &Batch,
+        global: &[usize],
+        key: (Purpose, u64),
+        train: bool,
+    ) -> Local {
+        self.backward_sum_guided(engine, model, batch, global, key, (train, 0.0))
+    }
+
+    /// [`TaskLoss::backward_sum`] where a denoiser in eval mode may be
+    /// judged on its guided prediction at scale `guidance` (> 0).
+    pub fn backward_sum_guided(
+        &self,
+        engine: &mut Engine,
+        model: &Model,
+        batch: &Batch,
+        global: &[usize],
+        (purpose, step): (Purpose, u64),
+        (train, guidance): (bool, f64),
+    ) -> Local {
+        match self.task {
+            Task::Classify => backward_ce_sum(engine, model, batch, self.device, train),
+            Task::Denoise => {
+                let rows = self
+                    .rows(engine, batch, global, purpose, step, train)
+                    .expect("a denoiser has a schedule");
+                let den = Denoising {
+                    guidance,
+                    ..self.denoising(train).expect("a denoiser has a schedule")
+                };
+                loss::backward_sum(engine, model, &den, &rows, train, 1.0)
+            }
+        }
+    }
+}
