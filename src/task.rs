@@ -63,22 +63,55 @@ impl TaskLoss {
         step: u64,
         train: bool,
     ) -> Option<Rows> {
+        let comm = engine.comm();
+        let share = crate::data::sampler::share(global.len(), comm.rank(), comm.size());
+        let positions = crate::diffusion::draws::positions(global, share, &batch.indices);
+        self.rows_at(batch, &positions, purpose, step, train)
+    }
+
+    /// A denoiser's rows of `batch` at `positions` of their global batch.
+    pub fn rows_at(
+        &self,
+        batch: &Batch,
+        positions: &[usize],
+        purpose: Purpose,
+        step: u64,
+        train: bool,
+    ) -> Option<Rows> {
         let den = self.denoising(train)?;
         let key = Key {
             seed: self.seed,
             purpose,
             step,
         };
-        let comm = engine.comm();
-        Some(Rows::new(
-            &den,
-            key,
-            batch,
-            global,
-            comm.rank(),
-            comm.size(),
-            self.device,
-        ))
+        Some(Rows::at(&den, key, batch, positions, self.device))
+    }
+
+    /// Back-propagates the sum of the task's loss over a *whole* global
+    /// batch held by this rank alone (rows at positions 0, 1, …), as
+    /// [`TaskLoss::backward_sum_guided`] does over a share.
+    pub fn backward_whole(
+        &self,
+        engine: &mut Engine,
+        model: &Model,
+        batch: &Batch,
+        (purpose, step): (Purpose, u64),
+        (train, guidance): (bool, f64),
+    ) -> Local {
+        match self.task {
+            Task::Classify => backward_ce_sum(engine, model, batch, self.device, train),
+            Task::Denoise => {
+                let positions: Vec<usize> = (0..batch.len()).collect();
+                let rows = self
+                    .rows_at(batch, &positions, purpose, step, train)
+                    .expect("a denoiser has a schedule");
+                let den = Denoising {
+                    guidance,
+                    ..self.denoising(train).expect("a denoiser has a schedule")
+                };
+                loss::backward_sum(engine, model, &den, &rows, train, 1.0)
+            }
+        }
     }
 
     /// Back-propagates the *sum* over this rank's rows of `batch` of the

@@ -150,6 +150,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
         mask: Some(&mask),
         clip: sfron.clip,
         freeze_masked: false,
+        clip_first: false,
     };
     let lr = sfron.lr;
     let iteration = |engine: &mut Engine| -> Result<()> {

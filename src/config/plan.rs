@@ -139,6 +139,7 @@ impl RunPlan {
         let model = model_plan(&config, &data)?;
         let diffusion = diffusion_plan(&config)?;
         sample_checks(&config, &diffusion)?;
+        diffusion_rl_checks(&config)?;
         let train = train_plan(&config, &data)?;
         task_checks(&config, &model, &train)?;
         let unlearn = unlearn_plan(&config)?;
@@ -763,6 +764,32 @@ fn task_checks(
                 "{:?} chooses an epoch by accuracy; a diffusion model has none: use \"last\"",
                 train.select.as_str()
             ),
+        ));
+    }
+    Ok(())
+}
+
+fn diffusion_rl_checks(config: &LoadedConfig) -> Result<(), ConfigError> {
+    let d = &config.raw.diffusion_rl;
+    if d.iterations == 0 {
+        return Err(config.key_error("diffusion_rl.iterations", "must be at least 1"));
+    }
+    positive(config, "diffusion_rl.lr", d.lr)?;
+    for (key, v) in [
+        ("diffusion_rl.forget_alpha", d.forget_alpha),
+        ("diffusion_rl.remain_alpha", d.remain_alpha),
+        ("diffusion_rl.clip", d.clip),
+        ("diffusion_rl.mask_guidance", d.mask_guidance),
+        ("diffusion_rl.mask_clip", d.mask_clip),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(config.key_error(key, format!("{v}: must be 0 or more")));
+        }
+    }
+    if !(d.mask_fraction > 0.0 && d.mask_fraction <= 1.0) {
+        return Err(config.key_error(
+            "diffusion_rl.mask_fraction",
+            format!("{}: a share of the weights in (0, 1]", d.mask_fraction),
         ));
     }
     Ok(())

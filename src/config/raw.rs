@@ -61,6 +61,7 @@ pub struct RawConfig {
     pub bad_teacher: BadTeacherSection,
     pub scrub: ScrubSection,
     pub l1_sparse: L1SparseSection,
+    pub diffusion_rl: DiffusionRlSection,
     pub eval: EvalSection,
     pub sample: SampleSection,
     pub study: StudySection,
@@ -589,6 +590,50 @@ impl Default for EvalSection {
             logits: false,
             classifier: String::new(),
             classifier_arch: "mnist_cnn".into(),
+        }
+    }
+}
+
+/// RL and SalUn on a diffusion model, as the DDPM release's
+/// `saliency_unlearn` mode runs them (`DDPM/configs/cifar10_saliency_unlearn.yml`
+/// and its README command: `--remain_alpha 1e-3 --unlearn_loss rl`). Each
+/// iteration one joint step: `forget_alpha · MSE(ε(x_t, c), sg ε(x_t, c'))`
+/// on a forget batch, `c' = (c + 1) mod K`, plus `remain_alpha ·` the
+/// denoising loss of a remain batch; the gradient clipped, then (SalUn)
+/// masked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionRlSection {
+    pub iterations: u64,
+    /// Constant learning rate (Adam in the release).
+    pub lr: f64,
+    pub forget_alpha: f64,
+    pub remain_alpha: f64,
+    /// The joint gradient's L2 norm is clipped to this (0 = no clipping).
+    pub clip: f64,
+    /// SalUn's mask keeps this share of the weights with the largest
+    /// `|Σ_b clip(∇ loss_b)|` over the forget set (the release: 0.5).
+    pub mask_fraction: f64,
+    /// The mask's loss is that of the guided prediction at this scale.
+    pub mask_guidance: f64,
+    /// Each mask batch's mean gradient is clipped to this (0 = no clipping).
+    pub mask_clip: f64,
+    /// The mask's batch (0 = unlearn.forget_batch).
+    pub mask_batch: u32,
+}
+
+impl Default for DiffusionRlSection {
+    fn default() -> Self {
+        DiffusionRlSection {
+            iterations: 1000,
+            lr: 1e-5,
+            forget_alpha: 1.0,
+            remain_alpha: 1e-3,
+            clip: 1.0,
+            mask_fraction: 0.5,
+            mask_guidance: 2.0,
+            mask_clip: 1.0,
+            mask_batch: 0,
         }
     }
 }

@@ -28,6 +28,9 @@ pub enum Purpose {
     Union = 6,
     /// The Fisher pass over the remain set (the forget pass is `Fisher`).
     FisherRemain = 7,
+    /// A second forward pass of the same rows towards a target (RL's
+    /// relabelled prediction): its own condition dropout and dropout.
+    Target = 8,
 }
 
 /// The draws of the rows of one batch.

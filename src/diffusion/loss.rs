@@ -40,16 +40,14 @@ impl Rows {
     ) -> Self {
         let share = sampler::share(global.len(), rank, world);
         let pos = positions(global, share, &batch.indices);
+        Rows::at(den, key, batch, &pos, device)
+    }
+
+    /// The rows of `batch` at `pos` of their global batch.
+    pub fn at(den: &Denoising, key: Key, batch: &Batch, pos: &[usize], device: Device) -> Self {
         let size = batch.images.size();
         let shape = [size[1], size[2], size[3]];
-        let draws = Draws::new(
-            key,
-            &pos,
-            shape,
-            den.schedule.steps(),
-            den.cond_drop,
-            device,
-        );
+        let draws = Draws::new(key, pos, shape, den.schedule.steps(), den.cond_drop, device);
         Rows {
             x0: batch.images.to_device(device),
             c: batch.labels.to_device(device),

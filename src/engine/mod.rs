@@ -72,6 +72,8 @@ pub struct Edit<'a> {
     /// With `mask`: parameters the mask zeroes stay exactly where they are
     /// (weight decay and momentum do not move them either).
     pub freeze_masked: bool,
+    /// Clip before masking (the DDPM release's SalUn step) instead of after.
+    pub clip_first: bool,
 }
 
 /// PyTorch's `clip_grad_norm_` divides by `norm + 1e-6`.
@@ -446,8 +448,13 @@ impl<'a> Engine<'a> {
     pub fn finish(&mut self, out: &mut Outcome, edit: &Edit, lr: f64, what: &str) -> Result<()> {
         if out.applied {
             let g = self.flat_grad();
-            if let Some(mask) = edit.mask {
-                let _ = g.shallow_clone().g_mul_(mask);
+            let masked = |g: &Tensor| {
+                if let Some(mask) = edit.mask {
+                    let _ = g.shallow_clone().g_mul_(mask);
+                }
+            };
+            if !edit.clip_first {
+                masked(&g);
             }
             // After the mask, and after whatever the method added between
             // the reduction and here (ℓ1-sparse's penalty).
@@ -458,6 +465,10 @@ impl<'a> Engine<'a> {
                     let _ = g.shallow_clone().g_mul_scalar_(coef);
                     out.step_norm *= coef;
                 }
+            }
+            if edit.clip_first && edit.mask.is_some() {
+                masked(&g);
+                out.step_norm = g.norm().double_value(&[]);
             }
         }
         let frozen = match edit.mask {

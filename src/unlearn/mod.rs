@@ -11,6 +11,7 @@
 //! long it runs and what one iteration does ([`Method`]).
 
 pub mod bad_teacher;
+pub mod diffusion_rl;
 pub mod epochs;
 pub mod ft;
 pub mod ga;
@@ -397,6 +398,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &s
 /// The configuration section of the run's method, as it decides the result.
 fn method_section(plan: &RunPlan) -> serde_json::Value {
     let raw = &plan.config.raw;
+    let denoiser = plan.model.arch.task() == Task::Denoise;
     let v = match plan.unlearn.method {
         UnlearnMethod::Sfron => {
             let mut sfron = raw.sfron.clone();
@@ -405,6 +407,9 @@ fn method_section(plan: &RunPlan) -> serde_json::Value {
         }
         UnlearnMethod::Ft => serde_json::to_value(&raw.ft),
         UnlearnMethod::Ga => serde_json::to_value(&raw.ga),
+        UnlearnMethod::Rl | UnlearnMethod::Salun if denoiser => {
+            serde_json::to_value(&raw.diffusion_rl)
+        }
         UnlearnMethod::Rl => serde_json::to_value(&raw.rl),
         UnlearnMethod::Salun => serde_json::to_value(&raw.salun),
         UnlearnMethod::BadTeacher => serde_json::to_value(&raw.bad_teacher),
@@ -415,8 +420,13 @@ fn method_section(plan: &RunPlan) -> serde_json::Value {
 }
 
 /// The methods that run on a diffusion model (their losses are the task's).
-pub const DENOISER_METHODS: [UnlearnMethod; 3] =
-    [UnlearnMethod::Sfron, UnlearnMethod::Ft, UnlearnMethod::Ga];
+pub const DENOISER_METHODS: [UnlearnMethod; 5] = [
+    UnlearnMethod::Sfron,
+    UnlearnMethod::Ft,
+    UnlearnMethod::Ga,
+    UnlearnMethod::Rl,
+    UnlearnMethod::Salun,
+];
 
 fn takes_denoisers(method: UnlearnMethod) -> bool {
     DENOISER_METHODS.contains(&method)
@@ -425,10 +435,18 @@ fn takes_denoisers(method: UnlearnMethod) -> bool {
 /// The method of the plan.
 fn method(plan: &RunPlan) -> Box<dyn Method> {
     let b = &plan.baselines;
+    let denoiser = plan.model.arch.task() == Task::Denoise;
     match plan.unlearn.method {
         UnlearnMethod::Sfron => Box::new(sfron::Sfron::new(plan.sfron.clone())),
         UnlearnMethod::Ft => Box::new(ft::Ft::new(b.ft)),
         UnlearnMethod::Ga => Box::new(ga::Ga::new(b.ga)),
+        // On a diffusion model: the DDPM release's relabelling (module docs).
+        UnlearnMethod::Rl | UnlearnMethod::Salun if denoiser => {
+            Box::new(diffusion_rl::DiffusionRl::new(
+                plan.config.raw.diffusion_rl.clone(),
+                plan.unlearn.method == UnlearnMethod::Salun,
+            ))
+        }
         UnlearnMethod::Rl => Box::new(rl::Rl::new(b.rl)),
         UnlearnMethod::Salun => Box::new(salun::Salun::new(b.salun)),
         UnlearnMethod::BadTeacher => Box::new(bad_teacher::BadTeacher::new(b.bad_teacher)),

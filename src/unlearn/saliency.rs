@@ -27,7 +27,7 @@ use super::Session;
 use crate::config::Saliency;
 use crate::data::{BatchStream, Cursor, Sampler, Stream};
 use crate::diffusion::draws::Purpose;
-use crate::engine::{Scale, backward_ce_sum};
+use crate::engine::Scale;
 use crate::inputs::Inputs;
 use crate::model::weights;
 
@@ -123,6 +123,19 @@ fn fisher(
 /// reduced in f64, where the order of the sum is far below the f32
 /// gradients' precision.
 pub fn top_gradient_mask(s: &mut Session, fraction: f64, batch: usize) -> Result<Option<Tensor>> {
+    top_gradient_mask_with(s, fraction, batch, (0.0, None))
+}
+
+/// [`top_gradient_mask`] where a denoiser's loss is that of its guided
+/// prediction at `guidance` (> 0) and each batch's mean gradient is
+/// clipped to `clip` before it is summed (the DDPM release's SalUn mask:
+/// guidance 2, clip 1).
+pub fn top_gradient_mask_with(
+    s: &mut Session,
+    fraction: f64,
+    batch: usize,
+    (guidance, clip): (f64, Option<f64>),
+) -> Result<Option<Tensor>> {
     let (rank, world) = (s.comm.rank(), s.comm.size());
     let mut sampler = Sampler::new(
         s.inputs.forget(),
@@ -133,13 +146,13 @@ pub fn top_gradient_mask(s: &mut Session, fraction: f64, batch: usize) -> Result
         false,
     );
     let mut owned = Vec::new();
-    let mut mine = 0;
+    let mut mine = Vec::new();
     for k in 0..sampler.batches_per_epoch() {
         let global = sampler.global_batch(0, k);
         s.trace("salun_mask", k as u64, &global)?;
         if k % world == rank {
             owned.extend(global);
-            mine += 1;
+            mine.push(k as u64);
         }
     }
     let loader = Inputs::loader(s.plan, &s.inputs.train, &s.plan.data.train_transform);
@@ -147,10 +160,16 @@ pub fn top_gradient_mask(s: &mut Session, fraction: f64, batch: usize) -> Result
     let mut stream = BatchStream::new(in_order, loader, Cursor::default(), 0, 1);
     let numel = s.engine.flat_grad().numel() as i64;
     let mut sum = Tensor::zeros([numel], (Kind::Double, s.device));
-    for _ in 0..mine {
+    for &k in &mine {
         let b = stream.next_batch()?;
         s.engine.zero_grad();
-        let local = backward_ce_sum(&mut s.engine, &s.model, &b, s.device, false);
+        let local = s.task.backward_whole(
+            &mut s.engine,
+            &s.model,
+            &b,
+            (Purpose::Fisher, k),
+            (false, guidance),
+        );
         let parts: Vec<Tensor> = s
             .engine
             .params
@@ -161,7 +180,11 @@ pub fn top_gradient_mask(s: &mut Session, fraction: f64, batch: usize) -> Result
                 None => p.zeros_like().reshape([-1]),
             })
             .collect();
-        let mean = Tensor::cat(&parts, 0).to_kind(Kind::Double) / local.count.max(1.0);
+        let mut mean = Tensor::cat(&parts, 0).to_kind(Kind::Double) / local.count.max(1.0);
+        if let Some(c) = clip {
+            let norm = mean.norm().double_value(&[]);
+            mean *= (c / (norm + 1e-6)).min(1.0);
+        }
         let _ = sum.g_add_(&mean);
     }
     s.engine.zero_grad();

@@ -68,6 +68,7 @@ impl Method for Salun {
             mask: self.mask.as_ref(),
             clip: None,
             freeze_masked: self.plan.freeze_masked,
+            clip_first: false,
         };
         rl::union_step(
             s,

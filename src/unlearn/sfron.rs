@@ -88,6 +88,7 @@ impl Sfron {
             mask: self.mask.as_ref(),
             clip: self.plan.clip,
             freeze_masked: false,
+            clip_first: false,
         };
         s.finish(&mut out, &edit, lr, &format!("iteration {t} (forget step)"))?;
         Ok(out)
