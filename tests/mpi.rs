@@ -1149,6 +1149,7 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             "sfron.fisher_guidance=2",
             "sfron.fisher_batch=16",
             "sfron.fisher_remain_batches=3",
+            "unlearn.snapshot_every=3",
         ] {
             cmd.args(["--set", set]);
         }
@@ -1166,6 +1167,20 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         return;
     }
     let u_one = run_dir(&root_s, "sfron-np1");
+    // The path of the forgetting: weights and EMA every 3 iterations.
+    let snaps = u_one.join("snapshots");
+    let snapshots = ["iter-000003", "iter-000006"].iter().all(|n| {
+        snaps.join(format!("{n}.safetensors")).is_file()
+            && snaps.join(format!("{n}.ema.safetensors")).is_file()
+    }) && support::same_bits(
+        &snaps.join("iter-000006.safetensors"),
+        &u_one.join("model.safetensors"),
+    );
+    report(
+        "diffusion_sfron_snapshots_every_3_iterations",
+        snapshots,
+        &u1,
+    );
     let u_path = error_model::path(&u_one.join("metrics.jsonl"), 0.9);
     let fa = u_one.join("fisher.safetensors");
     for np in [2, 3] {

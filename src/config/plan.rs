@@ -291,6 +291,8 @@ pub struct UnlearnPlan {
     pub eval_after: bool,
     pub max_skips: Option<u32>,
     pub verify_every: u64,
+    /// Save the weights every this many iterations (0 = never).
+    pub snapshot_every: u64,
     /// Relative logit noise of the robustness probe (0 = off).
     pub logit_noise: f64,
     pub logit_noise_seed: u64,
@@ -493,6 +495,7 @@ fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
             NonFinite::Error => None,
         },
         verify_every: u.verify_every,
+        snapshot_every: u.snapshot_every,
         logit_noise: u.logit_noise,
         logit_noise_seed: u.logit_noise_seed,
     })

@@ -809,6 +809,11 @@ pub struct UnlearnSection {
     pub max_skips: u32,
     /// Compare a digest of every rank's weights every this many iterations (0 = at checkpoints only).
     pub verify_every: u64,
+    /// Save the weights (and a denoiser's EMA) as
+    /// `snapshots/iter-NNNNNN[.ema].safetensors` every this many
+    /// iterations, for a path of the forgetting (0 = none; the DDPM
+    /// release: every 10).
+    pub snapshot_every: u64,
     /// Robustness probe: every forward pass of the run (Fisher passes
     /// included) multiplies each logit by `1 + u`, `u` uniform in
     /// [−logit_noise, logit_noise], as another CPU's last bits would move
@@ -838,6 +843,7 @@ impl Default for UnlearnSection {
             nonfinite: NonFinite::Skip,
             max_skips: 5,
             verify_every: 0,
+            snapshot_every: 0,
             logit_noise: 0.0,
             logit_noise_seed: 0,
         }

@@ -379,6 +379,7 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &s
     unlearn.log_every = 0;
     unlearn.eval_every = 0;
     unlearn.verify_every = 0;
+    unlearn.snapshot_every = 0;
     unlearn.eval_before = false;
     unlearn.eval_after = false;
     let mut recipe = json!({
@@ -723,6 +724,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
             ema.update(&s.engine.params);
         }
         t += 1;
+        if u.snapshot_every > 0 && t.is_multiple_of(u.snapshot_every) && comm.is_root() {
+            save_snapshot(&s, ema.as_ref(), &state, t)?;
+        }
         windows.add(&it);
         if t.is_multiple_of(u.log_every) || t == end {
             let n = windows.iterations.max(1) as f64;
@@ -854,6 +858,31 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     }
     comm.barrier();
     Ok(Status::Done)
+}
+
+/// Rank 0 saves the weights after iteration `t` (and the EMA's) under
+/// `<run folder>/snapshots/` (`unlearn.snapshot_every`).
+fn save_snapshot(
+    s: &Session,
+    ema: Option<&crate::engine::ema::Ema>,
+    state: &RunState,
+    t: u64,
+) -> Result<()> {
+    let dir = s.plan.run_dir.join("snapshots");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut meta = rundir::final_meta(state, &s.model, t);
+    meta.insert("sfron.from".into(), s.from_hash.clone());
+    s.model
+        .save(&dir.join(format!("iter-{t:06}.safetensors")), meta.clone())?;
+    if let Some(ema) = ema {
+        meta.insert(rundir::EMA_DECAY.into(), ema.decay().to_string());
+        weights::save(
+            &dir.join(format!("iter-{t:06}.ema.safetensors")),
+            &ema.state(&s.model),
+            &meta,
+        )?;
+    }
+    Ok(())
 }
 
 /// The metrics of each stream since the last metrics line.
