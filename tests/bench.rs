@@ -38,6 +38,7 @@ fn launch_bench_runs_every_measurement_on_a_tiny_model_and_writes_its_section() 
         ])
         .env("BENCH_MD", &md)
         .env("BENCH_OUT", &dir)
+        .env("DDPM", "0")
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -78,6 +79,48 @@ fn launch_bench_runs_every_measurement_on_a_tiny_model_and_writes_its_section() 
             written.contains(needle),
             "{needle:?} missing from\n{written}"
         );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `launch/bench-ddpm` at a tiny scale: both sides measured for both
+/// steps, and the table printed with a ratio per row.
+#[test]
+fn launch_bench_ddpm_times_both_steps_on_both_sides() {
+    let dir = support::temp_dir("bench-ddpm");
+    let o = Command::new(Path::new(ROOT).join("launch/bench-ddpm"))
+        .current_dir(ROOT)
+        .envs([
+            ("BATCH", "8"),
+            ("THREADS", "1"),
+            ("ITERATIONS", "2"),
+            ("WARMUP", "1"),
+            ("STEPS", "2"),
+            ("ROUNDS", "1"),
+            ("SFRON_NO_SETUP", "1"),
+        ])
+        .env("BENCH_OUT", &dir)
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let rows =
+        support::json_lines(&std::fs::read_to_string(dir.join("ddpm/results.jsonl")).unwrap());
+    for side in ["sfron", "pytorch"] {
+        for what in ["train", "sample"] {
+            let r = rows
+                .iter()
+                .find(|r| r["side"] == side && r["what"] == what)
+                .unwrap_or_else(|| panic!("no {side} {what} row in {rows:?}"));
+            assert!(r["ms"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    for needle in [
+        "| training step |",
+        "| guided sampling step |",
+        "sfron / PyTorch",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing from\n{out}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

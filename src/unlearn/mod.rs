@@ -391,6 +391,9 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str, from_hash: &s
         "data": inputs.identity(plan),
         "split": inputs.split_hash(),
     });
+    if plan.model.arch.task() == Task::Denoise {
+        recipe["diffusion"] = json!(plan.diffusion);
+    }
     crate::model::layout::add_precision(&mut recipe, plan.precision);
     crate::model::norm::add_to_recipe(&mut recipe, &plan.model.arch, plan.model.batchnorm.mode);
     format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
