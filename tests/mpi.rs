@@ -1248,8 +1248,8 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
 
     // SalUn as the DDPM release runs it (a joint relabelling step under
     // the mask of the guided forget loss's summed, clipped gradients).
-    let salun = |np: usize| {
-        let mut cmd = job(np, &format!("salun-np{np}"), &[]);
+    let salun = |np: usize, tag: &str, more: &[&str]| {
+        let mut cmd = job(np, &format!("salun{tag}-np{np}"), &[]);
         for set in [
             "unlearn.batch=16",
             "unlearn.forget_batch=8",
@@ -1263,43 +1263,52 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         ] {
             cmd.args(["--set", set]);
         }
+        for set in more {
+            cmd.args(["--set", set]);
+        }
         cmd.args([
             "unlearn", "--method", "salun", "--from", &original, "--split", &split,
         ]);
         run(cmd, limit)
     };
-    let s1 = salun(1);
-    let s_one = run_dir(&root_s, "salun-np1");
-    for np in [2, 3] {
-        let o = salun(np);
-        let other = run_dir(&root_s, &format!("salun-np{np}"));
-        let (w, masks) = if s1.code == Some(0) && o.code == Some(0) {
-            let path = error_model::path(&s_one.join("metrics.jsonl"), 0.9);
-            (
-                support::l2_difference(
-                    &s_one.join("model.safetensors"),
-                    &other.join("model.safetensors"),
-                ) / path,
-                support::same_bits(
-                    &s_one.join("mask.safetensors"),
-                    &other.join("mask.safetensors"),
-                ),
-            )
-        } else {
-            (f64::INFINITY, false)
-        };
-        // Each mask batch is computed whole on one rank, the same way for
-        // any rank count; only the f64 sum over batches changes order.
-        println!(
-            "ddpm_unet SalUn {np} ranks vs 1: masks identical {masks}; weights {w:.2e} of the \
-             path (tolerance {:.1e})",
-            error_model::trajectory()
-        );
-        report(
-            &format!("diffusion_salun_1_rank_equals_{np}_ranks"),
-            masks && w <= error_model::trajectory(),
-            if s1.code == Some(0) { &o } else { &s1 },
-        );
+    // Forget batches of 2 on 3 ranks leave one share empty at every step.
+    for (tag, more, ranks) in [
+        ("", &[][..], &[2, 3][..]),
+        ("-empty-share", &["unlearn.forget_batch=2"][..], &[3][..]),
+    ] {
+        let s1 = salun(1, tag, more);
+        let s_one = run_dir(&root_s, &format!("salun{tag}-np1"));
+        for &np in ranks {
+            let o = salun(np, tag, more);
+            let other = run_dir(&root_s, &format!("salun{tag}-np{np}"));
+            let (w, masks) = if s1.code == Some(0) && o.code == Some(0) {
+                let path = error_model::path(&s_one.join("metrics.jsonl"), 0.9);
+                (
+                    support::l2_difference(
+                        &s_one.join("model.safetensors"),
+                        &other.join("model.safetensors"),
+                    ) / path,
+                    support::same_bits(
+                        &s_one.join("mask.safetensors"),
+                        &other.join("mask.safetensors"),
+                    ),
+                )
+            } else {
+                (f64::INFINITY, false)
+            };
+            // Each mask batch is computed whole on one rank, the same way for
+            // any rank count; only the f64 sum over batches changes order.
+            println!(
+                "ddpm_unet SalUn{tag} {np} ranks vs 1: masks identical {masks}; weights {w:.2e} of \
+             the path (tolerance {:.1e})",
+                error_model::trajectory()
+            );
+            report(
+                &format!("diffusion_salun{tag}_1_rank_equals_{np}_ranks"),
+                masks && w <= error_model::trajectory(),
+                if s1.code == Some(0) { &o } else { &s1 },
+            );
+        }
     }
 
     // Sampling from the 1-rank run's EMA on 1, 2 and 3 ranks.

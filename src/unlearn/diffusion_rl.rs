@@ -128,10 +128,15 @@ impl Method for DiffusionRl {
         // The remain half: α_r / |R| · Σ_{i∈R} ℓ_i.
         let global = s.stream(Which::Remain).next_global();
         let batch = s.next(Which::Remain, t)?;
-        if let Some(rows) = s
-            .task
-            .rows(&s.engine, &batch, &global, Purpose::Remain, t, true)
-        {
+        // An empty share (more ranks than rows) adds nothing, and joins the
+        // reduction.
+        let rows = (!batch.is_empty())
+            .then(|| {
+                s.task
+                    .rows(&s.engine, &batch, &global, Purpose::Remain, t, true)
+            })
+            .flatten();
+        if let Some(rows) = rows {
             let den = s.task.denoising(true).expect("a denoiser");
             let sum = per_sample(&s.model, &den, &rows, true).sum(Kind::Float);
             let scaled = &sum * (self.plan.remain_alpha / global.len() as f64);
@@ -147,7 +152,7 @@ impl Method for DiffusionRl {
         let target = s
             .task
             .rows(&s.engine, &batch, &global, Purpose::Target, t, true);
-        if let (Some(rows), Some(target)) = (rows, target) {
+        if let (Some(rows), Some(target), false) = (rows, target, batch.is_empty()) {
             let pixels = rows.x0.size()[1..].iter().product::<i64>() as f64;
             let sum = relabel_losses(s, &rows, &target).sum(Kind::Float);
             let scaled = &sum * (self.plan.forget_alpha / (global.len() as f64 * pixels));
