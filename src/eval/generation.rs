@@ -227,7 +227,7 @@ fn real_features(
 pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Result<Status> {
     let started = Instant::now();
     let inputs = Inputs::open(plan)?;
-    let Some((manifest, split_path)) = &inputs.split else {
+    let Some((_, split_path)) = &inputs.split else {
         bail!(
             "eval of a diffusion model needs a class split: pass --split MANIFEST (sfron split --scenario class:C)"
         );
@@ -238,7 +238,6 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
         .first()
         .map(|&i| labels[i])
         .with_context(|| format!("{}: the split forgets nothing", split_path.display()))?;
-    let _ = manifest;
     if forget.iter().any(|&i| labels[i] != class)
         || inputs.remain().iter().any(|&i| labels[i] == class)
     {
