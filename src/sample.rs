@@ -74,23 +74,21 @@ pub fn weights_file(from: &Path, which: SampleWeights) -> Result<(PathBuf, bool)
 /// Builds the configured denoiser and loads `path` into it; image channels
 /// and classes are read from the file (`conv_in`, `classes_emb`).
 pub fn load_denoiser(plan: &RunPlan, path: &Path, device: Device) -> Result<Model> {
-    let (tensors, _) = weights::load(path)?;
+    // Read once: the shapes come from the same bytes that are loaded.
+    let bytes = weights::read(path)?;
+    let (tensors, _) = weights::parse(&bytes, path)?;
     let shape = |name: &str| {
-        tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.size())
-            .with_context(|| {
-                format!(
-                    "{}: no {name}: not the weights of a diffusion model ({})",
-                    path.display(),
-                    plan.model.arch.name()
-                )
-            })
+        weights::shape_of(&tensors, name).with_context(|| {
+            format!(
+                "{}: no {name}: not the weights of a diffusion model ({})",
+                path.display(),
+                plan.model.arch.name()
+            )
+        })
     };
     let (conv_in, classes) = (shape("conv_in.weight")?, shape("classes_emb.weight")?);
     let mut model = Model::new(plan.model.arch.clone(), conv_in[1], classes[0], device);
-    model.load(path)?;
+    model.load_bytes(&bytes, path)?;
     model
         .set_compute(plan.compute())
         .map_err(anyhow::Error::msg)?;

@@ -63,10 +63,13 @@ impl TaskLoss {
         step: u64,
         train: bool,
     ) -> Option<Rows> {
-        let comm = engine.comm();
-        let share = crate::data::sampler::share(global.len(), comm.rank(), comm.size());
-        let positions = crate::diffusion::draws::positions(global, share, &batch.indices);
-        self.rows_at(batch, &positions, purpose, step, train)
+        self.rows_at(
+            batch,
+            &share_positions(engine, batch, global),
+            purpose,
+            step,
+            train,
+        )
     }
 
     /// A denoiser's rows of `batch` at `positions` of their global batch.
@@ -95,23 +98,11 @@ impl TaskLoss {
         engine: &mut Engine,
         model: &Model,
         batch: &Batch,
-        (purpose, step): (Purpose, u64),
-        (train, guidance): (bool, f64),
+        key: (Purpose, u64),
+        mode: (bool, f64),
     ) -> Local {
-        match self.task {
-            Task::Classify => backward_ce_sum(engine, model, batch, self.device, train),
-            Task::Denoise => {
-                let positions: Vec<usize> = (0..batch.len()).collect();
-                let rows = self
-                    .rows_at(batch, &positions, purpose, step, train)
-                    .expect("a denoiser has a schedule");
-                let den = Denoising {
-                    guidance,
-                    ..self.denoising(train).expect("a denoiser has a schedule")
-                };
-                loss::backward_sum(engine, model, &den, &rows, train, 1.0)
-            }
-        }
+        let positions: Vec<usize> = (0..batch.len()).collect();
+        self.backward_at(engine, model, batch, &positions, key, mode)
     }
 
     /// Back-propagates the *sum* over this rank's rows of `batch` of the
@@ -139,6 +130,22 @@ impl TaskLoss {
         model: &Model,
         batch: &Batch,
         global: &[usize],
+        key: (Purpose, u64),
+        mode: (bool, f64),
+    ) -> Local {
+        let positions = share_positions(engine, batch, global);
+        self.backward_at(engine, model, batch, &positions, key, mode)
+    }
+
+    /// The loss's backward pass over `batch`, whose rows a denoiser draws
+    /// for at `positions` of their global batch; `(train, guidance)` as
+    /// [`TaskLoss::backward_sum_guided`] takes them.
+    fn backward_at(
+        &self,
+        engine: &mut Engine,
+        model: &Model,
+        batch: &Batch,
+        positions: &[usize],
         (purpose, step): (Purpose, u64),
         (train, guidance): (bool, f64),
     ) -> Local {
@@ -146,7 +153,7 @@ impl TaskLoss {
             Task::Classify => backward_ce_sum(engine, model, batch, self.device, train),
             Task::Denoise => {
                 let rows = self
-                    .rows(engine, batch, global, purpose, step, train)
+                    .rows_at(batch, positions, purpose, step, train)
                     .expect("a denoiser has a schedule");
                 let den = Denoising {
                     guidance,
@@ -156,4 +163,11 @@ impl TaskLoss {
             }
         }
     }
+}
+
+/// Where the rows of `batch`, this rank's share of `global`, sit in it.
+fn share_positions(engine: &Engine, batch: &Batch, global: &[usize]) -> Vec<usize> {
+    let comm = engine.comm();
+    let share = crate::data::sampler::share(global.len(), comm.rank(), comm.size());
+    crate::diffusion::draws::positions(global, share, &batch.indices)
 }

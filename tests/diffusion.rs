@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 use sfron::diffusion::guided_eps;
 use sfron::model::unet::{Cond, Dropout, UnetSpec};
@@ -14,7 +13,7 @@ use sfron::model::{Arch, Model, weights};
 use tch::{Device, Kind, Tensor};
 
 mod support;
-use support::{python, temp_dir};
+use support::temp_dir;
 
 const REFERENCE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -69,22 +68,7 @@ fn spec_json(spec: &UnetSpec, channels: i64, classes: i64) -> String {
 }
 
 fn run_reference(mode: &str, dir: &Path, spec: &str) -> String {
-    let out = Command::new(python())
-        .args([REFERENCE, mode])
-        .arg(dir)
-        .arg(spec)
-        .output()
-        .expect("run python");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "ddpm_reference.py {mode} failed:\n{text}"
-    );
-    text
+    support::run_python(REFERENCE, &[mode.as_ref(), dir.as_os_str(), spec.as_ref()])
 }
 
 /// Eval-mode outputs of one UNet computed twice, relative to the largest
@@ -230,21 +214,12 @@ fn the_frechet_distance_matches_pytorch_fid_with_scipy_sqrtm() {
         &BTreeMap::new(),
     )
     .unwrap();
-    let out = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/golden/fid_reference.py"
-        ))
-        .arg(&file)
-        .output()
-        .expect("run python");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fid_reference.py: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = support::run_python(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/fid_reference.py"),
+        &[file.as_os_str()],
     );
-    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let line = text.lines().find(|l| l.starts_with('{')).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
     let theirs = v["fid"].as_f64().unwrap();
     let (mu_a, s_a) = moments(&a);
     let (mu_b, s_b) = moments(&b);

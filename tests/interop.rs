@@ -40,19 +40,7 @@ fn forward_tolerance(name: &str) -> f64 {
 }
 
 fn run_script(mode: &str, dir: &Path) -> String {
-    let out = Command::new(python())
-        .arg(SCRIPT)
-        .arg(mode)
-        .arg(dir)
-        .output()
-        .expect("run python");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "models.py {mode} failed:\n{text}");
-    text
+    support::run_python(SCRIPT, &[mode.as_ref(), dir.as_os_str()])
 }
 
 fn model(name: &str) -> Model {

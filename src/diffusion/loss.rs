@@ -2,9 +2,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::draws::{Draws, Key, positions};
+use super::draws::{Draws, Key};
 use super::schedule::Schedule;
-use crate::data::{Batch, sampler};
+use crate::data::Batch;
 use crate::engine::{Engine, Local};
 use crate::model::Model;
 use crate::model::unet::{Cond, Dropout};
@@ -27,22 +27,6 @@ pub struct Rows {
 }
 
 impl Rows {
-    /// The rows of `batch` (this rank's share of `global`, the global
-    /// batch's dataset indices), with the draws of `key`.
-    pub fn new(
-        den: &Denoising,
-        key: Key,
-        batch: &Batch,
-        global: &[usize],
-        rank: usize,
-        world: usize,
-        device: Device,
-    ) -> Self {
-        let share = sampler::share(global.len(), rank, world);
-        let pos = positions(global, share, &batch.indices);
-        Rows::at(den, key, batch, &pos, device)
-    }
-
     /// The rows of `batch` at `pos` of their global batch.
     pub fn at(den: &Denoising, key: Key, batch: &Batch, pos: &[usize], device: Device) -> Self {
         let size = batch.images.size();

@@ -108,14 +108,13 @@ pub fn load_classifier(arch: &Arch, path: &Path, device: Device) -> Result<Model
             arch.name()
         );
     }
-    let (tensors, _) = weights::load(path)?;
+    // Read once: the shapes come from the same bytes that are loaded.
+    let bytes = weights::read(path)?;
+    let (tensors, _) = weights::parse(&bytes, path)?;
     let shape = |names: &[&str]| {
-        names.iter().find_map(|name| {
-            tensors
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t.size())
-        })
+        names
+            .iter()
+            .find_map(|name| weights::shape_of(&tensors, name))
     };
     let (Some(conv1), Some(head)) = (
         shape(&["conv1.weight"]),
@@ -128,7 +127,7 @@ pub fn load_classifier(arch: &Arch, path: &Path, device: Device) -> Result<Model
         );
     };
     let mut model = Model::new(arch.clone(), conv1[1], head[0], device);
-    model.load(path)?;
+    model.load_bytes(&bytes, path)?;
     Ok(model)
 }
 

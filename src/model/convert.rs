@@ -90,14 +90,10 @@ fn build(
     what: &str,
 ) -> Result<Model, WeightsError> {
     let find = |name: &str| {
-        tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.size())
-            .ok_or_else(|| WeightsError::Mismatch {
-                path: path.into(),
-                reason: format!("no {name} {what}"),
-            })
+        super::weights::shape_of(tensors, name).ok_or_else(|| WeightsError::Mismatch {
+            path: path.into(),
+            reason: format!("no {name} {what}"),
+        })
     };
     let (first, last) = (find(input)?, find(output)?);
     let model = Model::new(arch, first[1], last[0], tch::Device::Cpu);

@@ -146,6 +146,14 @@ pub fn save(
     crate::fsx::write_atomic(path, &bytes).map_err(|e| file_err(path, e.to_string()))
 }
 
+/// The shape of the tensor named `name` among `tensors`.
+pub fn shape_of(tensors: &[(String, Tensor)], name: &str) -> Option<Vec<i64>> {
+    tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t.size())
+}
+
 /// Reads every tensor and the metadata of a safetensors file, verifying the
 /// digest when there is one.
 pub fn load(path: &Path) -> Result<Loaded, WeightsError> {

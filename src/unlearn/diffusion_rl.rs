@@ -23,7 +23,6 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use serde_json::json;
 use tch::{Kind, Tensor};
 
 use super::{Budget, Edit, Iteration, Method, Session, Which, saliency};
@@ -104,20 +103,17 @@ impl Method for DiffusionRl {
         else {
             return Ok(false);
         };
-        let kept = mask.sum(Kind::Float).double_value(&[]) / mask.numel() as f64;
-        tracing::info!(
-            kept = format!("{:.2}%", 100.0 * kept),
-            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            "SalUn mask (diffusion)"
-        );
-        progress.record(json!({"event": "saliency", "step": 0, "kept": kept,
-            "seconds": started.elapsed().as_secs_f64()}))?;
         let mut meta = BTreeMap::new();
         meta.insert(
             "diffusion_rl.mask_fraction".into(),
             self.plan.mask_fraction.to_string(),
         );
-        saliency::save_mask(s, &mask, meta)?;
+        saliency::publish_mask(
+            s,
+            progress,
+            (&mask, started, "SalUn mask (diffusion)"),
+            meta,
+        )?;
         self.mask = Some(mask);
         Ok(true)
     }

@@ -208,6 +208,28 @@ pub fn top_gradient_mask_with(
     Ok(Some(mask))
 }
 
+/// Logs a SalUn mask computed since `started` (`what` names it), records
+/// its kept share overall and per parameter in the metrics, and saves it
+/// with `meta` ([`save_mask`]).
+pub fn publish_mask(
+    s: &Session,
+    progress: &mut crate::engine::progress::Progress,
+    (mask, started, what): (&Tensor, Instant, &str),
+    meta: BTreeMap<String, String>,
+) -> Result<()> {
+    let share = mask.sum(Kind::Float).double_value(&[]) / mask.numel() as f64;
+    tracing::info!(
+        kept = format!("{:.2}%", 100.0 * share),
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "{what}"
+    );
+    progress.record(json!({"event": "saliency", "step": 0, "kept": share,
+        "seconds": started.elapsed().as_secs_f64(),
+        "kept_per_param": kept(s, mask).into_iter()
+            .map(|(n, f)| (n, json!(f))).collect::<serde_json::Map<_, _>>()}))?;
+    save_mask(s, mask, meta)
+}
+
 /// Writes a flat mask as `<run folder>/mask.safetensors` (rank 0), one
 /// tensor per parameter.
 pub fn save_mask(s: &Session, mask: &Tensor, meta: BTreeMap<String, String>) -> Result<()> {

@@ -10,8 +10,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use serde_json::json;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::rl::{self, Relabels};
 use super::{Budget, Edit, Iteration, Method, Session, saliency};
@@ -45,19 +44,9 @@ impl Method for Salun {
         else {
             return Ok(false);
         };
-        let kept = mask.sum(Kind::Float).double_value(&[]) / mask.numel() as f64;
-        tracing::info!(
-            kept = format!("{:.2}%", 100.0 * kept),
-            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            "SalUn mask"
-        );
-        progress.record(json!({"event": "saliency", "step": 0, "kept": kept,
-            "seconds": started.elapsed().as_secs_f64(),
-            "kept_per_param": saliency::kept(s, &mask).into_iter()
-                .map(|(n, f)| (n, json!(f))).collect::<serde_json::Map<_, _>>()}))?;
         let mut meta = BTreeMap::new();
         meta.insert("salun.fraction".into(), self.plan.fraction.to_string());
-        saliency::save_mask(s, &mask, meta)?;
+        saliency::publish_mask(s, progress, (&mask, started, "SalUn mask"), meta)?;
         self.mask = Some(mask);
         self.relabels = Some(Relabels::draw(s)?);
         Ok(true)

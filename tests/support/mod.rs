@@ -82,6 +82,24 @@ pub fn python() -> String {
         .expect("SFRON_TORCH_PYTHON is not set: run the tests through launch/test (it sources target/sfron-env.sh)")
 }
 
+/// Runs a PyTorch reference script with `args` and returns its stdout then
+/// stderr; panics with both when it fails.
+#[allow(dead_code)]
+pub fn run_python(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{script} {args:?} failed:\n{text}");
+    text
+}
+
 /// The tensors of a safetensors file, by name, as f32 values.
 #[allow(dead_code)]
 pub fn tensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
