@@ -92,6 +92,33 @@ impl Inputs {
             .map_or_else(Vec::new, |(m, _)| m.forget.clone())
     }
 
+    /// The class a class split forgets (a diffusion model forgets a whole
+    /// class): an error naming the manifest when the split is missing,
+    /// empty, or not one class exactly.
+    pub fn forget_class(&self) -> anyhow::Result<i64> {
+        let Some((_, path)) = &self.split else {
+            anyhow::bail!(
+                "a diffusion model needs a class split: pass --split MANIFEST (sfron split \
+                 --scenario class:C)"
+            );
+        };
+        let forget = self.forget();
+        let labels = &self.train.labels;
+        let Some(class) = forget.first().map(|&i| labels[i]) else {
+            anyhow::bail!("{}: the split forgets nothing", path.display());
+        };
+        if forget.iter().any(|&i| labels[i] != class)
+            || self.remain().iter().any(|&i| labels[i] == class)
+        {
+            anyhow::bail!(
+                "{}: not a class split (a diffusion model forgets a whole class: sfron split \
+                 --scenario class:C)",
+                path.display()
+            );
+        }
+        Ok(class)
+    }
+
     /// A loader over `dataset` with the plan's workers and policies.
     pub fn loader(plan: &RunPlan, dataset: &Arc<Dataset>, transform: &Transform) -> Loader {
         let d = &plan.data;

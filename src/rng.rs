@@ -33,6 +33,10 @@ pub mod tag {
     pub const DROPOUT: u64 = 0x0044_524f_504f_5554;
     /// Sampling's initial noise and per-step noise: `[seed, SAMPLE, class, index]`.
     pub const SAMPLE: u64 = 0x5341_4d50_4c45;
+    /// SA's replay order: `[seed, REPLAY, epoch]`.
+    pub const REPLAY: u64 = 0x5245_504c_4159;
+    /// SA's surrogate (uniform noise) images: `[seed, SURROGATE, step, position]`.
+    pub const SURROGATE: u64 = 0x5355_5252_4f47;
 }
 
 /// SplitMix64.

@@ -140,6 +140,7 @@ impl RunPlan {
         let diffusion = diffusion_plan(&config)?;
         sample_checks(&config, &diffusion)?;
         diffusion_rl_checks(&config)?;
+        sa_checks(&config)?;
         let train = train_plan(&config, &data)?;
         task_checks(&config, &model, &train)?;
         let unlearn = unlearn_plan(&config)?;
@@ -767,6 +768,47 @@ fn task_checks(
                 "{:?} chooses an epoch by accuracy; a diffusion model has none: use \"last\"",
                 train.select.as_str()
             ),
+        ));
+    }
+    Ok(())
+}
+
+fn sa_checks(config: &LoadedConfig) -> Result<(), ConfigError> {
+    let a = &config.raw.sa;
+    for (key, v) in [
+        ("sa.iterations", a.iterations),
+        ("sa.per_class", a.per_class),
+        ("sa.fisher_timesteps", a.fisher_timesteps),
+        ("sa.fisher_batch", a.fisher_batch),
+    ] {
+        if v == 0 {
+            return Err(config.key_error(key, "must be at least 1"));
+        }
+    }
+    positive(config, "sa.lr", a.lr)?;
+    let t = config.raw.diffusion.timesteps;
+    if !(0..=t).contains(&a.sample_steps) {
+        return Err(config.key_error(
+            "sa.sample_steps",
+            format!(
+                "{}: 0 (= sample.steps) to diffusion.timesteps = {t}",
+                a.sample_steps
+            ),
+        ));
+    }
+    for (key, v) in [
+        ("sa.gamma", a.gamma),
+        ("sa.lambda", a.lambda),
+        ("sa.clip", a.clip),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(config.key_error(key, format!("{v}: must be 0 or more")));
+        }
+    }
+    if !(0.0..1.0).contains(&a.ema_decay) {
+        return Err(config.key_error(
+            "sa.ema_decay",
+            format!("{}: a decay in [0, 1)", a.ema_decay),
         ));
     }
     Ok(())

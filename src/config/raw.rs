@@ -62,6 +62,7 @@ pub struct RawConfig {
     pub scrub: ScrubSection,
     pub l1_sparse: L1SparseSection,
     pub diffusion_rl: DiffusionRlSection,
+    pub sa: SaSection,
     pub eval: EvalSection,
     pub sample: SampleSection,
     pub study: StudySection,
@@ -581,6 +582,11 @@ pub struct EvalSection {
     pub classifier: String,
     /// That classifier's architecture (a classifier of the zoo).
     pub classifier_arch: String,
+    /// A diffusion model's evaluation: pytorch-fid's Inception weights as
+    /// safetensors ([`crate::model::inception::EXPORT_HINT`]); when set, FID
+    /// is also computed in Inception-v3 pool3 features ("" = only the
+    /// classifier's).
+    pub inception: String,
 }
 
 impl Default for EvalSection {
@@ -590,6 +596,7 @@ impl Default for EvalSection {
             logits: false,
             classifier: String::new(),
             classifier_arch: "mnist_cnn".into(),
+            inception: String::new(),
         }
     }
 }
@@ -634,6 +641,60 @@ impl Default for DiffusionRlSection {
             mask_guidance: 2.0,
             mask_clip: 1.0,
             mask_batch: 0,
+        }
+    }
+}
+
+/// SA, Selective Amnesia (Heck et al., NeurIPS 2023), on a diffusion
+/// model as the DDPM release runs it (`sa_forget` with `cifar10_sa.yml`;
+/// its Fisher from `fim.py`/`save_fim`, its replay from `sample.py
+/// --mode sample_classes`): generated images of the original replace the
+/// data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SaSection {
+    /// Iterations (`training.n_iters`).
+    pub iterations: u64,
+    /// Constant learning rate (`optim.lr`, Adam).
+    pub lr: f64,
+    /// Weight of the generative-replay term (`training.gamma`).
+    pub gamma: f64,
+    /// Weight of the EWC term (`training.lmbda`).
+    pub lambda: f64,
+    /// The gradient's L2 norm is clipped to this (`optim.grad_clip`; 0 = off).
+    pub clip: f64,
+    /// Images generated per class by the original, with `[sample]`'s
+    /// sampler and guidance (`--n_samples_per_class 500`).
+    pub per_class: u64,
+    /// Sampling steps of the replay set (0 = `sample.steps`).
+    pub sample_steps: i64,
+    /// The Fisher sums each image's loss over this many timesteps, evenly
+    /// spaced, scaled by T / timesteps (the release: all T = 1000).
+    pub fisher_timesteps: u64,
+    /// Rows per forward pass of the Fisher (its `T / n_chunks`: 1000 / 20).
+    pub fisher_batch: u64,
+    /// The Fisher includes the forget class's generated images (the
+    /// release generates every class for it).
+    pub fisher_forget_class: bool,
+    /// EMA decay of the forgetting run (`model.ema_rate`; SFR-on's release
+    /// config uses its own, `diffusion.unlearn_ema_decay`).
+    pub ema_decay: f64,
+}
+
+impl Default for SaSection {
+    fn default() -> Self {
+        SaSection {
+            iterations: 20000,
+            lr: 1e-4,
+            gamma: 1.0,
+            lambda: 10.0,
+            clip: 1.0,
+            per_class: 500,
+            sample_steps: 0,
+            fisher_timesteps: 1000,
+            fisher_batch: 50,
+            fisher_forget_class: true,
+            ema_decay: 0.9999,
         }
     }
 }
@@ -714,6 +775,9 @@ pub struct StudySection {
     pub methods: Vec<UnlearnMethod>,
     /// Weights of an original model to start from ("" = train it in the study).
     pub original: String,
+    /// A diffusion study judges each SFR-on snapshot on this many images
+    /// per class (0 = `sample.per_class`).
+    pub snapshot_per_class: u64,
 }
 
 impl Default for StudySection {
@@ -721,11 +785,14 @@ impl Default for StudySection {
         StudySection {
             scenario: "random:0.1".into(),
             seeds: vec![0],
+            // SA needs a generative model: not in a classifier's default list.
             methods: UnlearnMethod::NAMES
                 .iter()
+                .filter(|&&n| n != "sa")
                 .map(|n| UnlearnMethod::try_from(n.to_string()).expect("a listed name"))
                 .collect(),
             original: String::new(),
+            snapshot_per_class: 0,
         }
     }
 }
@@ -749,6 +816,8 @@ string_enum! {
         Scrub => "scrub",
         /// Fine-tuning with a decaying ℓ1 penalty.
         L1Sparse => "l1_sparse",
+        /// Selective Amnesia (diffusion models only).
+        Sa => "sa",
     }
 }
 

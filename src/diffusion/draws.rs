@@ -31,6 +31,10 @@ pub enum Purpose {
     /// A second forward pass of the same rows towards a target (RL's
     /// relabelled prediction): its own condition dropout and dropout.
     Target = 8,
+    /// SA's Fisher pass over the generated images (`step`: the image).
+    SaFisher = 9,
+    /// SA's forget half (the surrogate images; the replay half is `Remain`).
+    Surrogate = 10,
 }
 
 /// The draws of the rows of one batch.

@@ -355,6 +355,21 @@ impl<'a> Engine<'a> {
         defined_grad(&self.local_grads, i)
     }
 
+    /// This rank's gradients since the last [`Engine::zero_grad`], flat in
+    /// parameter order (zeros where a parameter got none).
+    pub fn flat_local_grad(&self) -> Tensor {
+        let parts: Vec<Tensor> = self
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match self.local_grad(i) {
+                Some(g) => g.reshape([-1]),
+                None => p.zeros_like().reshape([-1]),
+            })
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
     /// Gathers this rank's gradients ([`Engine::backward`]) and `local` into the flat buffer and
     /// sums it across ranks bucket by bucket, then scales by `scale`.
     /// Parameters that got no gradient contribute zeros.

@@ -17,6 +17,7 @@ pub mod ft;
 pub mod ga;
 pub mod l1_sparse;
 pub mod rl;
+pub mod sa;
 pub mod saliency;
 pub mod salun;
 pub mod scrub;
@@ -115,6 +116,11 @@ pub trait Method {
     fn prepare(&mut self, s: &mut Session, progress: &mut Progress) -> Result<bool>;
     /// Iteration `t` of `s.iterations()`.
     fn iteration(&mut self, s: &mut Session, t: u64) -> Result<Iteration>;
+    /// A diffusion model's EMA decay in this method's runs, when it is the
+    /// method's own (default: `diffusion.unlearn_ema_decay`).
+    fn ema_decay(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Rank 0's record of every global batch, for reference implementations.
@@ -188,6 +194,22 @@ impl Session<'_> {
             )?;
         }
         Ok(())
+    }
+
+    /// The end of a pass that each rank ran over its share (a mask or
+    /// Fisher pass accumulating into `sum`): the ranks agree on whether a
+    /// stop was requested meanwhile (`false`: exit as resumable) and
+    /// otherwise sum `sum` across them.
+    pub fn end_pass(&mut self, sum: &mut Tensor) -> Result<bool> {
+        self.engine.zero_grad();
+        let stop = self
+            .comm
+            .sum_scalar(f64::from(u8::from(self.engine.stop_requested())));
+        if stop > 0.0 {
+            return Ok(false);
+        }
+        self.comm.sum_tensor(sum)?;
+        Ok(true)
     }
 
     /// The engine's reduction, with the test-only faults of step `t` first.
@@ -419,17 +441,19 @@ fn method_section(plan: &RunPlan) -> serde_json::Value {
         UnlearnMethod::BadTeacher => serde_json::to_value(&raw.bad_teacher),
         UnlearnMethod::Scrub => serde_json::to_value(&raw.scrub),
         UnlearnMethod::L1Sparse => serde_json::to_value(&raw.l1_sparse),
+        UnlearnMethod::Sa => serde_json::to_value(&raw.sa),
     };
     v.unwrap_or_default()
 }
 
 /// The methods that run on a diffusion model (their losses are the task's).
-pub const DENOISER_METHODS: [UnlearnMethod; 5] = [
+pub const DENOISER_METHODS: [UnlearnMethod; 6] = [
     UnlearnMethod::Sfron,
     UnlearnMethod::Ft,
     UnlearnMethod::Ga,
     UnlearnMethod::Rl,
     UnlearnMethod::Salun,
+    UnlearnMethod::Sa,
 ];
 
 fn takes_denoisers(method: UnlearnMethod) -> bool {
@@ -456,6 +480,7 @@ fn method(plan: &RunPlan) -> Box<dyn Method> {
         UnlearnMethod::BadTeacher => Box::new(bad_teacher::BadTeacher::new(b.bad_teacher)),
         UnlearnMethod::Scrub => Box::new(scrub::Scrub::new(b.scrub)),
         UnlearnMethod::L1Sparse => Box::new(l1_sparse::L1Sparse::new(b.l1_sparse)),
+        UnlearnMethod::Sa => Box::new(sa::Sa::new(plan.config.raw.sa.clone())),
     }
 }
 
@@ -512,6 +537,13 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
                 .map(|m| m.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+    }
+    if plan.model.arch.task() == Task::Classify && u.method == UnlearnMethod::Sa {
+        bail!(
+            "unlearn.method = \"sa\" (Selective Amnesia) replays images the model generates: \
+             it needs a diffusion model, and {} is a classifier",
+            plan.model.arch.name()
         );
     }
     let from = u
@@ -593,7 +625,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
     let mut resumed = None;
     // Where the EMA starts: a checkpoint's, or the original's (read below).
     let mut ema_start: Option<(std::path::PathBuf, Vec<u8>)> = None;
-    let decay = plan.diffusion.unlearn_ema_decay;
+    let decay = method
+        .ema_decay()
+        .unwrap_or(plan.diffusion.unlearn_ema_decay);
     let keeps_ema = s.task.task() == Task::Denoise && decay > 0.0;
     if let Some(restored) = rundir::restore_everywhere(comm, plan)? {
         if keeps_ema {

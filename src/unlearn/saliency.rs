@@ -170,31 +170,16 @@ pub fn top_gradient_mask_with(
             (Purpose::Fisher, k),
             (false, guidance),
         );
-        let parts: Vec<Tensor> = s
-            .engine
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| match s.engine.local_grad(i) {
-                Some(g) => g.reshape([-1]),
-                None => p.zeros_like().reshape([-1]),
-            })
-            .collect();
-        let mut mean = Tensor::cat(&parts, 0).to_kind(Kind::Double) / local.count.max(1.0);
+        let mut mean = s.engine.flat_local_grad().to_kind(Kind::Double) / local.count.max(1.0);
         if let Some(c) = clip {
             let norm = mean.norm().double_value(&[]);
             mean *= (c / (norm + 1e-6)).min(1.0);
         }
         let _ = sum.g_add_(&mean);
     }
-    s.engine.zero_grad();
-    let stop = s
-        .comm
-        .sum_scalar(f64::from(u8::from(s.engine.stop_requested())));
-    if stop > 0.0 {
+    if !s.end_pass(&mut sum)? {
         return Ok(None);
     }
-    s.comm.sum_tensor(&mut sum)?;
     let score = sum.abs();
     if !bool::try_from(score.isfinite().all())? {
         bail!("the SalUn saliency pass: the gradient is not finite (the original model?)");
