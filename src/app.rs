@@ -215,7 +215,9 @@ fn require_task(plan: &RunPlan, command: &Command) -> Result<()> {
             &[Task::Classify, Task::Denoise]
         }
         Command::Sample(_) => &[Task::Denoise],
-        Command::Eval(_) | Command::Unlearn(_) => &[Task::Classify, Task::Denoise],
+        Command::Eval(_) | Command::Unlearn(_) | Command::Study(_) => {
+            &[Task::Classify, Task::Denoise]
+        }
         Command::Convert(_) => &[Task::Classify, Task::Denoise],
         _ => &[Task::Classify],
     };

@@ -408,6 +408,38 @@ fn bad_diffusion_input_exits_2_naming_it_and_writes_nothing() {
             ],
             "unlearn.method",
         ),
+        (
+            "inception-missing",
+            vec![
+                format!("eval.classifier={}", classifier.display()),
+                format!(
+                    "eval.inception={}",
+                    dir.join("no-inception.safetensors").display()
+                ),
+            ],
+            vec![
+                "eval".into(),
+                "--model".into(),
+                denoiser.display().to_string(),
+                "--split".into(),
+                split.clone(),
+            ],
+            "no-inception.safetensors",
+        ),
+        (
+            "sa-on-a-classifier",
+            vec!["model.arch=mnist_cnn".into(), "data.transform=auto".into()],
+            vec![
+                "unlearn".into(),
+                "--method".into(),
+                "sa".into(),
+                "--from".into(),
+                classifier.display().to_string(),
+                "--split".into(),
+                split.clone(),
+            ],
+            "needs a diffusion model",
+        ),
     ];
     for (name, extra, args, needle) in cases {
         let mut sets = base(name);
@@ -422,4 +454,110 @@ fn bad_diffusion_input_exits_2_naming_it_and_writes_nothing() {
             "{name}: a run folder was left behind"
         );
     }
+}
+
+/// A diffusion study end to end at a tiny scale: original, Retrain, SFR-on
+/// (with snapshots) and SA, each judged on generated images, the report
+/// with the table, the grids and SFR-on's path; a rerun reuses every stage.
+#[test]
+fn a_diffusion_study_reports_every_model_against_retrain_and_reruns_from_its_stages() {
+    let dir = temp_dir("ddpm-study");
+    let mnist = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
+    let common = |name: &str| {
+        vec![
+            format!("run.root={}", dir.join("runs").display()),
+            format!("run.name={name}"),
+            format!("data.root={mnist}"),
+            "data.train_limit=300".into(),
+            "data.workers=0".into(),
+            format!("device.threads={}", support::threads()),
+            "log.level=warn".into(),
+        ]
+    };
+    // The judge: a digit classifier trained for a few steps.
+    let mut sets = common("judge");
+    sets.extend(["model.arch=mnist_cnn".into(), "train.max_steps=20".into()]);
+    let o = support::sfron(&sets, &["train"]);
+    assert!(o.status.success(), "{}", support::text(&o));
+    let judge = dir.join("runs/judge/model.safetensors");
+    let mut sets = common("study");
+    sets.extend([
+        "model.arch=ddpm_unet".to_string(),
+        "model.unet.ch=16".into(),
+        "model.unet.ch_mult=[1, 2]".into(),
+        "model.unet.num_res_blocks=1".into(),
+        "model.unet.attn_resolutions=[14]".into(),
+        "model.unet.groups=8".into(),
+        "data.transform=diffusion".into(),
+        "diffusion.ema_decay=0.9".into(),
+        "train.batch=32".into(),
+        "train.clip=1".into(),
+        "train.max_steps=6".into(),
+        "unlearn.batch=16".into(),
+        "unlearn.forget_batch=8".into(),
+        "unlearn.snapshot_every=2".into(),
+        "sfron.iterations=4".into(),
+        "sfron.fisher_batch=16".into(),
+        "sfron.fisher_remain_batches=2".into(),
+        "sa.iterations=3".into(),
+        "sa.per_class=2".into(),
+        "sa.sample_steps=4".into(),
+        "sa.fisher_timesteps=4".into(),
+        "sample.method=ddpm".into(),
+        "sample.steps=5".into(),
+        "sample.per_class=3".into(),
+        "sample.grid=3".into(),
+        "study.scenario=class:3".into(),
+        "study.methods=[\"sfron\", \"sa\"]".into(),
+        "study.snapshot_per_class=2".into(),
+        format!("eval.classifier={}", judge.display()),
+    ]);
+    let o = support::sfron(&sets, &["study"]);
+    let text = support::text(&o);
+    assert!(o.status.success(), "{text}");
+    let root = dir.join("runs/study");
+    let md = std::fs::read_to_string(root.join("report.md")).unwrap();
+    for needle in [
+        "| Original |",
+        "| Retrain |",
+        "| SFR-on |",
+        "| SA |",
+        "FID (classifier)",
+        "all ",
+        "seed-0/eval/sfron/grid.png",
+        "plots/snapshots.svg",
+        "| 4 |",
+    ] {
+        assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
+    }
+    for name in ["original", "retrain", "sfron", "sa"] {
+        assert!(
+            root.join(format!("seed-0/eval/{name}/grid.png")).is_file(),
+            "{name}"
+        );
+    }
+    for n in [2, 4] {
+        assert!(
+            root.join(format!("seed-0/eval/sfron-snapshots/iter-{n:06}/eval.json"))
+                .is_file()
+        );
+    }
+    assert!(root.join("plots/snapshots.svg").is_file());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("report.json")).unwrap()).unwrap();
+    let retrain = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "retrain")
+        .unwrap();
+    assert_eq!(retrain["forget_acc_gap"]["mean"], 0.0);
+    // A rerun reuses every stage and writes the same table.
+    let again = support::sfron(&sets, &["study"]);
+    assert!(again.status.success(), "{}", support::text(&again));
+    assert_eq!(
+        std::fs::read_to_string(root.join("report.md")).unwrap(),
+        md,
+        "the rerun's report differs"
+    );
 }

@@ -35,9 +35,14 @@ use crate::data::sampler::share;
 use crate::data::transform::Transform;
 use crate::engine::progress::Progress;
 use crate::inputs::Inputs;
+use crate::model::inception::FidInception;
 use crate::model::{Arch, Model, weights};
 use crate::rundir::{Status, save_config};
 use crate::sample;
+
+/// The grid of the generated images in the evaluation's folder (a row per
+/// class, `sample.grid` images each).
+pub const GRID_FILE: &str = "grid.png";
 
 /// What `sfron eval` reports for a diffusion model.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,6 +55,10 @@ pub struct GenerationEval {
     /// FID in the classifier's feature space, generated remaining-class
     /// images against every real remaining-class training image.
     pub fid_classifier: f64,
+    /// FID in Inception-v3 pool3 features (pytorch-fid's network), the
+    /// same images on both sides (`None`: `eval.inception` not set).
+    #[serde(default)]
+    pub fid_inception: Option<f64>,
     pub generated_forget: usize,
     pub generated_remain: usize,
     pub real_remain: usize,
@@ -172,33 +181,35 @@ fn classify(
     (Tensor::cat(&preds, 0), Tensor::cat(&feats, 0))
 }
 
-/// The classifier's features of every real remaining-class training image
-/// (rank 0 gets them; the images are read and classified in shares).
+/// Features `[N, D]` (float64) of every real remaining-class training
+/// image, by the classifier and (when given) the FID Inception; rank 0
+/// gets them (the images are read and passed through in shares).
 fn real_features(
     comm: &Comm,
     plan: &RunPlan,
     inputs: &Inputs,
-    classifier: &Model,
+    (classifier, inception): (&Model, Option<&FidInception>),
     transform: &Transform,
     device: Device,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let remain = inputs.remain();
     let mine = &remain[share(remain.len(), comm.rank(), comm.size())];
     let mut loader = Inputs::loader(plan, &inputs.train, transform);
-    let mut feats = Vec::new();
+    let c = transform.mean.len() as i64;
+    let mean = Tensor::from_slice(&transform.mean).view([1, c, 1, 1]);
+    let std = Tensor::from_slice(&transform.std).view([1, c, 1, 1]);
+    let (mut feats, mut pooled) = (Vec::new(), Vec::new());
     for chunk in mine.chunks(plan.eval.batch.max(1)) {
         loader.submit(0, chunk.to_vec());
         let b = loader.take()?;
         let f = tch::no_grad(|| classifier.features_t(&b.images.to_device(device), false));
         feats.push(f.to_kind(Kind::Double).to_device(Device::Cpu));
+        if let Some(inception) = inception {
+            // The loader normalises for the classifier; Inception takes [0, 1].
+            let x = (&b.images * &std + &mean).clamp(0.0, 1.0);
+            pooled.push(inception.features(&x).to_kind(Kind::Double));
+        }
     }
-    let bytes = if feats.is_empty() {
-        Vec::new()
-    } else {
-        let all = Tensor::cat(&feats, 0).contiguous();
-        let v: Vec<f64> = Vec::try_from(all.reshape([-1]))?;
-        v.iter().flat_map(|x| x.to_le_bytes()).collect()
-    };
     let width = tch::no_grad(|| {
         let probe = Tensor::zeros(
             [
@@ -211,6 +222,23 @@ fn real_features(
         );
         classifier.features_t(&probe, false).size()[1]
     });
+    let feats = gather_rows(comm, &feats, width)?;
+    let pooled = match inception {
+        Some(_) => gather_rows(comm, &pooled, crate::model::inception::FEATURES)?.map(Some),
+        None => Some(None),
+    };
+    Ok(feats.zip(pooled))
+}
+
+/// Rank 0 gets every rank's rows `[n_r, width]` (float64), in rank order.
+fn gather_rows(comm: &Comm, rows: &[Tensor], width: i64) -> Result<Option<Tensor>> {
+    let bytes = if rows.is_empty() {
+        Vec::new()
+    } else {
+        let all = Tensor::cat(rows, 0).contiguous();
+        let v: Vec<f64> = Vec::try_from(all.reshape([-1]))?;
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    };
     Ok(comm.gather_bytes(&bytes, 0).map(|parts| {
         let flat: Vec<f64> = parts
             .concat()
@@ -221,31 +249,19 @@ fn real_features(
     }))
 }
 
+/// The Fréchet distance between the Gaussians of two feature sets.
+fn fid_of(generated: &Tensor, real: &Tensor) -> f64 {
+    let (mu_g, s_g) = moments(generated);
+    let (mu_r, s_r) = moments(real);
+    frechet_distance(&mu_g, &s_g, &mu_r, &s_r)
+}
+
 /// `sfron eval` of a diffusion model: `model_path` is a weights file or a
 /// run folder (`sample.weights` picks its EMA or raw weights).
 pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Result<Status> {
     let started = Instant::now();
     let inputs = Inputs::open(plan)?;
-    let Some((_, split_path)) = &inputs.split else {
-        bail!(
-            "eval of a diffusion model needs a class split: pass --split MANIFEST (sfron split --scenario class:C)"
-        );
-    };
-    let forget = inputs.forget();
-    let labels = &inputs.train.labels;
-    let class = forget
-        .first()
-        .map(|&i| labels[i])
-        .with_context(|| format!("{}: the split forgets nothing", split_path.display()))?;
-    if forget.iter().any(|&i| labels[i] != class)
-        || inputs.remain().iter().any(|&i| labels[i] == class)
-    {
-        bail!(
-            "{}: not a class split (a diffusion model forgets a whole class: sfron split \
-             --scenario class:C)",
-            split_path.display()
-        );
-    }
+    let class = inputs.forget_class()?;
     let e = &plan.eval;
     if e.classifier.trim().is_empty() {
         bail!("eval.classifier is not set: name the weights of a classifier of this data");
@@ -260,6 +276,13 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
             )
         })?;
     let classifier = load_classifier(&arch, classifier_path, device)?;
+    let inception = match e.inception.trim() {
+        "" => None,
+        path => Some(
+            FidInception::load(Path::new(path), device)
+                .with_context(|| format!("eval.inception = {path}"))?,
+        ),
+    };
     let transform = crate::data::default_transform(plan.data.format, false);
     let (weights_path, ema) = sample::weights_file(model_path, plan.sample.weights)?;
     let model = sample::load_denoiser(plan, &weights_path, device)?;
@@ -284,7 +307,14 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
     let mut progress = Progress::new(&plan.run_dir, comm.is_root(), "eval", 0, 0)?;
     let images = sample::generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?;
     progress.finish();
-    let real = real_features(comm, plan, &inputs, &classifier, &transform, device)?;
+    let real = real_features(
+        comm,
+        plan,
+        &inputs,
+        (&classifier, inception.as_ref()),
+        &transform,
+        device,
+    )?;
     let (Some(images), Some(real)) = (images, real) else {
         comm.barrier();
         return Ok(Status::Done);
@@ -306,16 +336,23 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
         .filter(|(_, r)| r.0 != class)
         .map(|(i, _)| i as i64)
         .collect();
-    let generated = feats.index_select(0, &Tensor::from_slice(&keep));
-    let (mu_g, s_g) = moments(&generated);
-    let (mu_r, s_r) = moments(&real);
-    let fid = frechet_distance(&mu_g, &s_g, &mu_r, &s_r);
+    let keep_t = Tensor::from_slice(&keep);
+    let (real, real_pooled) = real;
+    let fid = fid_of(&feats.index_select(0, &keep_t), &real);
+    let fid_inception = match (&inception, &real_pooled) {
+        (Some(inception), Some(real_pooled)) => {
+            let pooled = inception.features(&images.index_select(0, &keep_t));
+            Some(fid_of(&pooled.to_kind(Kind::Double), real_pooled))
+        }
+        _ => None,
+    };
     let s = &plan.sample;
     let result = GenerationEval {
         forget_class: class,
         forget_acc,
         remain_acc,
         fid_classifier: fid,
+        fid_inception,
         generated_forget: per_class as usize,
         generated_remain: keep.len(),
         real_remain: real.size()[0] as usize,
@@ -328,15 +365,26 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
         }),
         seconds: started.elapsed().as_secs_f64(),
     };
+    // For people: the first `sample.grid` images of each class, a row each.
+    let all: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    let per_row = (plan.sample.grid as usize).clamp(1, per_class as usize);
+    let grid = sample::grid_rows(
+        &images,
+        &all,
+        &(0..model.classes).collect::<Vec<_>>(),
+        per_row,
+    );
+    sample::save_grid(&plan.run_dir.join(GRID_FILE), &grid, per_row)?;
     let out = plan.run_dir.join(super::EVAL_FILE);
     crate::fsx::write_atomic(&out, serde_json::to_string_pretty(&result)?.as_bytes())
         .with_context(|| format!("writing {}", out.display()))?;
     println!(
         "class {class} forgotten? FA {:.2}%  remaining accuracy {:.2}%  FID (classifier \
-         features) {:.3}  [{} generated vs {} real remaining images, {} weights]\n→ {}",
+         features) {:.3}{}  [{} generated vs {} real remaining images, {} weights]\n→ {}",
         forget_acc,
         remain_acc,
         fid,
+        fid_inception.map_or_else(String::new, |f| format!("  FID (Inception) {f:.3}")),
         keep.len(),
         result.real_remain,
         result.weights,

@@ -19,6 +19,7 @@
 //! interrupted (exit 75 from SIGTERM/SIGUSR1 ends the study the same way),
 //! and starts over a stage whose key changed.
 
+mod generation;
 mod plots;
 mod report;
 
@@ -87,7 +88,27 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
     // What every unlearning stage's key starts from.
     let original_id = weights::identify(&weights::read(&original)?, &original)?;
 
+    let denoiser = plan.model.arch.task() == crate::model::Task::Denoise;
+    if denoiser
+        && let Some(m) = study
+            .methods
+            .iter()
+            .find(|m| !unlearn::DENOISER_METHODS.contains(m))
+    {
+        bail!(
+            "study.methods lists {:?}, which works on a classifier's logits; a study of a \
+             diffusion model ({}) compares {}",
+            m.as_str(),
+            plan.model.arch.name(),
+            unlearn::DENOISER_METHODS
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut per_seed: Vec<(u64, Vec<Evaluated>)> = Vec::new();
+    let mut judged_per_seed = Vec::new();
     for &seed in &study.seeds {
         let seed_root = root.join(format!("seed-{seed}"));
         let split = seed_root.join("split.json");
@@ -129,6 +150,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
             models.push((method.as_str().into(), p.run_dir.join(MODEL_FILE)));
         }
 
+        if denoiser {
+            let judged =
+                generation::judge_seed(comm, plan, layers, &seed_root, &common, device, &models)?;
+            if let Some((judged, path)) = judged {
+                judged_per_seed.push((seed, judged, path));
+            }
+            continue;
+        }
+
         // Retrain first: it is the reference of the others (its gaps are 0
         // by definition), and its metrics are computed once.
         models.swap(0, 1);
@@ -166,6 +196,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
         per_seed.push((seed, evaluated));
     }
 
+    if denoiser {
+        if comm.is_root() {
+            let table = generation::write(&root, plan, &judged_per_seed)?;
+            print!("{table}");
+            println!("report: {}", root.join("report.md").display());
+        }
+        comm.barrier();
+        return Ok(Status::Done);
+    }
     if comm.is_root() {
         let mut notes = Vec::new();
         let mut chosen_by_test = vec![(String::from("the original"), original.clone())];
@@ -416,6 +455,7 @@ pub fn display_name(name: &str) -> &str {
         "bad_teacher" => "Bad Teacher",
         "scrub" => "SCRUB",
         "l1_sparse" => "ℓ1-sparse",
+        "sa" => "SA",
         other => other,
     }
 }

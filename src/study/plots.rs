@@ -269,3 +269,71 @@ fn curves(path: &Path, title: &str, metrics: &str) -> Drawn {
     area.present()?;
     Ok(())
 }
+
+/// A diffusion study's SFR-on path: forget accuracy and FID of each
+/// snapshot `(iteration, FA, FID)`, Retrain's values dashed.
+pub fn snapshot_curves(
+    path: &Path,
+    points: &[(f64, f64, f64)],
+    retrain: Option<(f64, f64)>,
+) -> Drawn {
+    let last = points.iter().map(|p| p.0).fold(1.0f64, f64::max);
+    let area = SVGBackend::new(path, (900, 340)).into_drawing_area();
+    area.fill(&WHITE)?;
+    let panels = area.split_evenly((1, 2));
+    let panels = [
+        ("forget accuracy (%)", 0usize, retrain.map(|r| r.0)),
+        ("FID (classifier)", 1, retrain.map(|r| r.1)),
+    ]
+    .into_iter()
+    .zip(panels.iter());
+    for ((what, k, reference), panel) in panels {
+        let series: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (p.0, if k == 0 { p.1 } else { p.2 }))
+            .filter(|p| p.1.is_finite())
+            .collect();
+        let top = series
+            .iter()
+            .map(|p| p.1)
+            .chain(reference)
+            .fold(if k == 0 { 100.0f64 } else { 1.0 }, f64::max);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("SFR-on: {what}"), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..last, 0f64..top * 1.05)?;
+        chart
+            .configure_mesh()
+            .x_desc("iteration")
+            .y_desc(what)
+            .draw()?;
+        let color = PALETTE[if k == 0 { 3 } else { 0 }];
+        chart.draw_series(series.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        chart
+            .draw_series(LineSeries::new(series, color.stroke_width(2)))?
+            .label("SFR-on")
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+        if let Some(r) = reference {
+            let grey = RGBColor(90, 90, 90);
+            let dashes: Vec<PathElement<(f64, f64)>> = (0..20)
+                .map(|i| {
+                    let (a, b) = (last * i as f64 / 20.0, last * (i as f64 + 0.5) / 20.0);
+                    PathElement::new(vec![(a, r), (b, r)], grey.stroke_width(2))
+                })
+                .collect();
+            chart
+                .draw_series(dashes)?
+                .label("Retrain")
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], grey.stroke_width(2))
+                });
+        }
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+    }
+    area.present()?;
+    Ok(())
+}

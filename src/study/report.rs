@@ -83,7 +83,7 @@ const COLUMNS: [Column; 8] = [
 ];
 
 /// Mean and sample standard deviation (n − 1) of the values present.
-fn mean_std(values: &[Option<f64>]) -> Stat {
+pub(super) fn mean_std(values: &[Option<f64>]) -> Stat {
     let v: Vec<f64> = values.iter().flatten().copied().collect();
     if v.is_empty() {
         return None;
@@ -99,7 +99,7 @@ fn mean_std(values: &[Option<f64>]) -> Stat {
 }
 
 /// Mean and standard deviation over the seeds.
-type Stat = Option<(f64, f64)>;
+pub(super) type Stat = Option<(f64, f64)>;
 
 /// One row of the table over the seeds.
 #[derive(Serialize)]
