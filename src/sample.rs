@@ -123,7 +123,10 @@ pub fn to_pixels(x: &Tensor) -> Tensor {
 }
 
 /// Generates `rows` (class, index) across the ranks; rank 0 gets every
-/// image as uint8 `[N, C, H, W]` in row order (other ranks `None`).
+/// image as uint8 `[N, C, H, W]` in row order (other ranks `None`). Also
+/// the fastest visited timestep on this rank in seconds (a whole sampling
+/// step of a batch: the guided forward passes, the update, the keyed
+/// noise; infinite when the rank had no rows).
 pub fn generate_sharded(
     comm: &Comm,
     model: &Model,
@@ -131,7 +134,8 @@ pub fn generate_sharded(
     plan: &RunPlan,
     rows: &[(i64, u64)],
     progress: &mut Progress,
-) -> Result<Option<Tensor>> {
+) -> Result<(Option<Tensor>, f64)> {
+    let mut fastest = f64::INFINITY;
     let sampler = sampler_plan(plan);
     let shape = model.image_shape().context("not a denoiser")?;
     let mine = &rows[share(rows.len(), comm.rank(), comm.size())];
@@ -145,7 +149,10 @@ pub fn generate_sharded(
             .map(|&(c, i)| image_key(plan.seed, c, i))
             .collect();
         let finished = local.len() * per_batch;
+        let mut last = Instant::now();
         let x = sample::generate(model, schedule, &sampler, &classes, &keys, || {
+            fastest = fastest.min(last.elapsed().as_secs_f64());
+            last = Instant::now();
             done += 1;
             progress.show(done, &format!("{finished} of {} images", mine.len()));
         });
@@ -158,10 +165,11 @@ pub fn generate_sharded(
         Vec::<u8>::try_from(all.reshape([-1])).context("uint8 images")?
     };
     let gathered = comm.gather_bytes(&bytes, 0);
-    Ok(gathered.map(|parts| {
+    let images = gathered.map(|parts| {
         let flat: Vec<u8> = parts.concat();
         Tensor::from_slice(&flat).view([rows.len() as i64, shape[0], shape[1], shape[2]])
-    }))
+    });
+    Ok((images, fastest))
 }
 
 /// A PNG of `images` uint8 `[N, C, H, W]` laid out `rows × cols` (row-major,
@@ -263,7 +271,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
         "sample"
     );
     let started = Instant::now();
-    let images = generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?;
+    let (images, fastest) = generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?;
     progress.finish();
     if let Some(images) = images {
         let labels: Vec<i64> = rows.iter().map(|r| r.0).collect();
@@ -284,6 +292,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
             "per_class": s.per_class, "weights": which, "from": path.display().to_string(),
             "method": s.method.as_str(), "steps": visits, "eta": s.eta, "guidance": s.guidance,
             "seed": plan.seed, "ranks": comm.size(), "seconds": started.elapsed().as_secs_f64(),
+            // Rank 0's fastest sampling step (its batch of `sample.batch` at most).
+            "fastest_step_s": fastest.is_finite().then_some(fastest),
         });
         let out = plan.run_dir.join("sample.json");
         crate::fsx::write_atomic(&out, serde_json::to_string_pretty(&summary)?.as_bytes())

@@ -305,7 +305,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
         .collect();
     let schedule = crate::diffusion::schedule::Schedule::of(&plan.diffusion, device);
     let mut progress = Progress::new(&plan.run_dir, comm.is_root(), "eval", 0, 0)?;
-    let images = sample::generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?;
+    let images = sample::generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?.0;
     progress.finish();
     let real = real_features(
         comm,

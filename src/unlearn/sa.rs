@@ -195,7 +195,7 @@ impl Sa {
             plan.sample.steps = self.plan.sample_steps;
         }
         let images =
-            crate::sample::generate_sharded(s.comm, model, schedule, &plan, &rows, progress)?;
+            crate::sample::generate_sharded(s.comm, model, schedule, &plan, &rows, progress)?.0;
         let mut bytes = match images {
             Some(images) => Vec::<u8>::try_from(images.reshape([-1]))?,
             None => Vec::new(),
