@@ -71,23 +71,6 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
     tracing::info!(study = %root.display(), scenario = %study.scenario, seeds = ?study.seeds,
         methods = ?study.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(), "study");
 
-    let original = if study.original.is_empty() {
-        let original_plan = stage_plan(comm, layers, &root, "original", &["train.on=all".into()])?;
-        if train_stage(comm, &original_plan, device)? == Status::Preempted {
-            return Ok(Status::Preempted);
-        }
-        original_plan.run_dir.join(MODEL_FILE)
-    } else {
-        let given = PathBuf::from(&study.original);
-        if !given.is_file() {
-            bail!("{} (study.original): no such weights file", given.display());
-        }
-        given
-    };
-
-    // What every unlearning stage's key starts from.
-    let original_id = weights::identify(&weights::read(&original)?, &original)?;
-
     let denoiser = plan.model.arch.task() == crate::model::Task::Denoise;
     if denoiser
         && let Some(m) = study
@@ -107,6 +90,36 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
                 .join(", ")
         );
     }
+    let original = if study.original.is_empty() {
+        let original_plan = stage_plan(comm, layers, &root, "original", &["train.on=all".into()])?;
+        if train_stage(comm, &original_plan, device)? == Status::Preempted {
+            return Ok(Status::Preempted);
+        }
+        original_plan.run_dir.join(MODEL_FILE)
+    } else {
+        let given = PathBuf::from(&study.original);
+        if !given.is_file() {
+            bail!("{} (study.original): no such weights file", given.display());
+        }
+        given
+    };
+
+    // What every unlearning stage's key starts from.
+    // The methods start from the model the study judges as the original: a
+    // diffusion model's EMA when it is the one sampled (`sample.weights =
+    // "ema"`). A short training's raw weights generate far worse than its
+    // EMA (the release's 800,000 steps make the two alike).
+    let start = match original.with_file_name(crate::engine::ema::EMA_FILE) {
+        ema if denoiser
+            && plan.sample.weights == crate::config::raw::SampleWeights::Ema
+            && ema.is_file() =>
+        {
+            ema
+        }
+        _ => original.clone(),
+    };
+    let original_id = weights::identify(&weights::read(&start)?, &start)?;
+
     let mut per_seed: Vec<(u64, Vec<Evaluated>)> = Vec::new();
     let mut judged_per_seed = Vec::new();
     for &seed in &study.seeds {
@@ -138,7 +151,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
         for method in &study.methods {
             let sets = with(&[
                 format!("unlearn.method={}", method.as_str()),
-                format!("unlearn.from={}", original.display()),
+                format!("unlearn.from={}", start.display()),
                 // The evaluation stage measures; the run need not.
                 "unlearn.eval_before=false".into(),
                 "unlearn.eval_after=false".into(),
