@@ -24,7 +24,10 @@
 //!    **Deviation:** the release feeds `fim.py` the PNGs through `ToTensor`
 //!    only, i.e. pixels in [0, 1] while the model was trained on [−1, 1];
 //!    here the Fisher sees the images in the model's range, as the replay
-//!    does. Images are sharded across ranks and the squared gradients
+//!    does. **Estimator:** with `k` < T timesteps scaled by T/k, the mean
+//!    part of `(Σ_t g_t)²` is estimated without bias but its noise part
+//!    (the per-timestep variances) is inflated by T/k; set T timesteps (the
+//!    default) for the release's quantity. Images are sharded across ranks and the squared gradients
 //!    summed, so the Fisher is the one rank's.
 //!
 //! Iteration `t` (train mode, no condition dropout; the release's
