@@ -1129,9 +1129,20 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         return;
     }
     let original = one.join("model.safetensors").display().to_string();
-    let unlearn = |np: usize, more: &[String]| {
-        let mut cmd = job(np, &format!("sfron-np{np}"), &[]);
-        for set in [
+    // `sfron unlearn --method <method>` from the 1-rank original on `np`
+    // ranks in run folder `name`, with the method's `sets` and then `more`.
+    let forget = |np: usize, name: &str, method: &str, sets: &[&str], more: &[&str]| {
+        let mut cmd = job(np, name, &[]);
+        for set in sets.iter().chain(more) {
+            cmd.args(["--set", set]);
+        }
+        cmd.args([
+            "unlearn", "--method", method, "--from", &original, "--split", &split,
+        ]);
+        run(cmd, limit)
+    };
+    let unlearn = |np: usize, more: &[&str]| {
+        let sets = [
             "unlearn.batch=16",
             "unlearn.forget_batch=8",
             "unlearn.momentum=0.9",
@@ -1150,16 +1161,8 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             "sfron.fisher_batch=16",
             "sfron.fisher_remain_batches=3",
             "unlearn.snapshot_every=3",
-        ] {
-            cmd.args(["--set", set]);
-        }
-        for set in more {
-            cmd.args(["--set", set]);
-        }
-        cmd.args([
-            "unlearn", "--method", "sfron", "--from", &original, "--split", &split,
-        ]);
-        run(cmd, limit)
+        ];
+        forget(np, &format!("sfron-np{np}"), "sfron", &sets, more)
     };
     let u1 = unlearn(1, &[]);
     if u1.code != Some(0) {
@@ -1210,13 +1213,11 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         if flipped.0 > 0 {
             let cache = root.join(format!("sfron-np{np}-fisher.safetensors"));
             std::fs::copy(&fa, &cache).unwrap();
-            shared = unlearn(
-                np,
-                &[
-                    format!("run.name=sfron-np{np}-shared"),
-                    format!("sfron.fisher_cache={}", cache.display()),
-                ],
-            );
+            let sets = [
+                format!("run.name=sfron-np{np}-shared"),
+                format!("sfron.fisher_cache={}", cache.display()),
+            ];
+            shared = unlearn(np, &[&sets[0], &sets[1]]);
             compared = shared;
             final_dir = run_dir(&root_s, &format!("sfron-np{np}-shared"));
         }
@@ -1249,8 +1250,7 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
     // SalUn as the DDPM release runs it (a joint relabelling step under
     // the mask of the guided forget loss's summed, clipped gradients).
     let salun = |np: usize, tag: &str, more: &[&str]| {
-        let mut cmd = job(np, &format!("salun{tag}-np{np}"), &[]);
-        for set in [
+        let sets = [
             "unlearn.batch=16",
             "unlearn.forget_batch=8",
             "unlearn.momentum=0.9",
@@ -1260,16 +1260,8 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             "diffusion_rl.lr=0.01",
             "diffusion_rl.remain_alpha=1",
             "diffusion_rl.mask_batch=16",
-        ] {
-            cmd.args(["--set", set]);
-        }
-        for set in more {
-            cmd.args(["--set", set]);
-        }
-        cmd.args([
-            "unlearn", "--method", "salun", "--from", &original, "--split", &split,
-        ]);
-        run(cmd, limit)
+        ];
+        forget(np, &format!("salun{tag}-np{np}"), "salun", &sets, more)
     };
     // Forget batches of 2 on 3 ranks leave one share empty at every step.
     for (tag, more, ranks) in [
@@ -1316,8 +1308,7 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
     // squared gradients summed), then surrogate + replay + EWC steps. Batches
     // of 2 on 3 ranks leave one share empty at every step.
     let sa = |np: usize, tag: &str, more: &[&str]| {
-        let mut cmd = job(np, &format!("sa{tag}-np{np}"), &[]);
-        for set in [
+        let sets = [
             "unlearn.batch=16",
             "unlearn.momentum=0.9",
             "unlearn.log_every=1",
@@ -1329,16 +1320,8 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             "sa.fisher_timesteps=6",
             "sa.fisher_batch=4",
             "sa.ema_decay=0.5",
-        ] {
-            cmd.args(["--set", set]);
-        }
-        for set in more {
-            cmd.args(["--set", set]);
-        }
-        cmd.args([
-            "unlearn", "--method", "sa", "--from", &original, "--split", &split,
-        ]);
-        run(cmd, limit)
+        ];
+        forget(np, &format!("sa{tag}-np{np}"), "sa", &sets, more)
     };
     for (tag, more, ranks) in [
         ("", &[][..], &[2, 3][..]),
