@@ -6,6 +6,7 @@
 //! `num_batches_tracked`. Single-process code: reductions happen elsewhere.
 
 pub mod convert;
+pub mod dit;
 pub mod inception;
 pub mod layout;
 pub mod norm;

@@ -1,0 +1,336 @@
+//! DiT against PyTorch: the reference network of facebookresearch/DiT
+//! (tests/golden/dit_reference.py) with every weight randomised, its
+//! state_dict loaded strictly into [`Dit`] (every name present with its
+//! shape, none extra), then the forward pass with a dropped class, the
+//! guided forward pass (`forward_with_cfg`, scale 4) and the gradients of
+//! `sum(out²)` compared; and the public sizes' parameter counts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sfron::model::dit::{Dit, DitSpec, NAMES, sincos_pos_embed_2d};
+use sfron::model::weights;
+use tch::{Device, Kind, Tensor, nn};
+
+mod support;
+use support::{error_model, temp_dir};
+
+const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/dit_reference.py");
+
+/// The shapes tested: depth 2, width 64 in 4 heads, patch 2 on 8 × 8 × 4
+/// latents with learn_sigma (the layout of the public models, small); and
+/// patch 4 on 16 × 16 × 4 latents, width 48 in 3 heads (an odd head count),
+/// MLP ratio 2, without learn_sigma (4 output channels, of which the guided
+/// forward pass guides 3).
+fn specs() -> Vec<DitSpec> {
+    vec![
+        DitSpec {
+            depth: 2,
+            hidden: 64,
+            heads: 4,
+            patch: 2,
+            input_size: 8,
+            in_channels: 4,
+            classes: 10,
+            learn_sigma: true,
+            class_dropout_prob: 0.1,
+            mlp_ratio: 4.0,
+        },
+        DitSpec {
+            depth: 2,
+            hidden: 48,
+            heads: 3,
+            patch: 4,
+            input_size: 16,
+            in_channels: 4,
+            classes: 7,
+            learn_sigma: false,
+            class_dropout_prob: 0.1,
+            mlp_ratio: 2.0,
+        },
+    ]
+}
+
+fn spec_json(s: &DitSpec) -> String {
+    serde_json::json!({
+        "depth": s.depth, "hidden": s.hidden, "heads": s.heads, "patch": s.patch,
+        "input_size": s.input_size, "in_channels": s.in_channels, "classes": s.classes,
+        "learn_sigma": s.learn_sigma, "class_dropout_prob": s.class_dropout_prob,
+        "mlp_ratio": s.mlp_ratio,
+    })
+    .to_string()
+}
+
+fn file(dir: &Path, name: &str) -> BTreeMap<String, Tensor> {
+    weights::load(&dir.join(name))
+        .unwrap()
+        .0
+        .into_iter()
+        .collect()
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+fn norm(t: &Tensor) -> f64 {
+    t.to_kind(Kind::Double).norm().double_value(&[])
+}
+
+/// Outputs computed twice, relative to the largest output:
+/// error_model::forward with the network's weighted layers counted as if in
+/// sequence (the patch embedding, the timestep MLP's two, five per block —
+/// qkv, proj, fc1, fc2, adaLN — and the final layer's two; the class table
+/// is a lookup, no sum) and the longest dot product: the widest fan-in
+/// (fc2's `mlp_hidden`, the timestep MLP's 256) or the attention's sums
+/// (`head_dim` for q kᵀ, `T` for the weighted values). LayerNorm, softmax,
+/// SiLU and GELU are elementwise or short reductions of order-1 gain (the
+/// reference's weights are scaled to keep activations of order 1).
+/// Misplaced weights, a transposed unpatchify, sin/cos swapped or a wrong
+/// attention scale are off by order 1.
+fn forward_tolerance(s: &DitSpec) -> f64 {
+    let layers = (1 + 2 + 5 * s.depth + 2) as f64;
+    let fan_in = [
+        s.mlp_hidden(),
+        s.hidden,
+        256,
+        s.in_channels * s.patch * s.patch,
+        s.tokens(),
+    ]
+    .into_iter()
+    .max()
+    .unwrap() as f64;
+    error_model::forward(layers, fan_in)
+}
+
+/// Gradients of `sum(out²)` computed twice, norm-wise per tensor and
+/// relative: the backward pass runs through the same layers again (so twice
+/// the forward's layers), and a weight gradient sums over the batch's
+/// tokens (`N T`) besides the fan-outs: the longest sum is the largest of
+/// those and the forward's. Per tensor the cancellation can be larger than
+/// the model's κ = 4 (a bias gradient sums one unit's error over every
+/// token, of both signs): κ = 40, as error_model::fisher_tensor allows.
+fn gradient_tolerance(s: &DitSpec, batch: i64) -> f64 {
+    let layers = 2.0 * (1 + 2 + 5 * s.depth + 2) as f64;
+    let n = [
+        s.mlp_hidden(),
+        3 * s.hidden,
+        256,
+        s.tokens(),
+        batch * s.tokens(),
+        s.patch * s.patch * s.out_channels(),
+    ]
+    .into_iter()
+    .max()
+    .unwrap() as f64;
+    layers * error_model::sum_difference(n, 40.0)
+}
+
+#[test]
+fn dit_gives_the_references_outputs_guidance_and_gradients_on_its_weights() {
+    let threads: i32 = support::threads().parse().unwrap();
+    tch::set_num_threads(threads);
+    for (k, spec) in specs().into_iter().enumerate() {
+        let dir = temp_dir(&format!("dit-golden-{k}"));
+        let json = spec_json(&spec);
+        let text = support::run_python(
+            REFERENCE,
+            &["make".as_ref(), dir.as_os_str(), json.as_ref()],
+        );
+        let line = text.lines().find(|l| l.starts_with('{')).unwrap();
+        let counts: serde_json::Value = serde_json::from_str(line).unwrap();
+
+        let vs = nn::VarStore::new(Device::Cpu);
+        let dit = Dit::new(&vs.root(), &spec);
+        // The fixed position embedding as the reference computes it (numpy
+        // in float64, then float32): equal to the last bit but for the
+        // libm sin/cos of the two languages.
+        let state = file(&dir, "dit.safetensors");
+        let io = file(&dir, "dit.io.safetensors");
+        let ours_pos = vs.variables()["pos_embed"].shallow_clone();
+        let pos_diff = max_abs(&(&ours_pos - &state["pos_embed"]));
+        assert!(pos_diff <= 1e-6, "pos_embed differs by {pos_diff:e}");
+        assert!(!ours_pos.requires_grad(), "pos_embed is not trained");
+        println!("spec {k}: pos_embed max |difference| {pos_diff:e}");
+        // The parameter counts, as the reference counts them.
+        let all: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        let trainable: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        assert_eq!(all, counts["parameters"].as_i64().unwrap());
+        assert_eq!(trainable, counts["trainable"].as_i64().unwrap());
+
+        // DiT-XL/2's (16 × 16 tokens of width 1152).
+        let xl: Vec<f32> = sincos_pos_embed_2d(1152, 16)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let xl_diff = max_abs(&(Tensor::from_slice(&xl).view([256, 1152]) - &io["pos_xl"]));
+        assert!(
+            xl_diff <= 1e-6,
+            "DiT-XL/2's pos_embed differs by {xl_diff:e}"
+        );
+        println!("DiT-XL/2 pos_embed max |difference| {xl_diff:e}");
+
+        // Strict load: the reference's names and shapes, nothing missing or extra.
+        let tensors: Vec<(String, Tensor)> = state
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        weights::copy_into(&vs, &tensors, &dir.join("dit.safetensors")).unwrap();
+
+        let drop = io["drop"].to_kind(Kind::Bool);
+        let x = io["x"].set_requires_grad(true);
+        let out = dit.forward(&x, &io["t"], &io["y"], Some(&drop));
+        let allowed = forward_tolerance(&spec);
+        let scale = max_abs(&io["out"]);
+        let diff = max_abs(&(&out.detach() - &io["out"])) / scale;
+        assert!(
+            diff <= allowed,
+            "spec {k}: forward, relative max difference {diff:e} (allowed {allowed:e})"
+        );
+        // The dropped class matters (else `drop` would not be tested).
+        let kept = tch::no_grad(|| dit.forward(&io["x"], &io["t"], &io["y"], None));
+        let moved = max_abs(&(&kept - &io["out"]).narrow(0, 1, 1)) / scale;
+        assert!(
+            moved > 10.0 * allowed,
+            "spec {k}: the null class changed nothing ({moved:e})"
+        );
+
+        // Guided: uncond + 4 (cond − uncond) = 5 cond − 4 uncond on 3
+        // channels; its error is at most 9 times one forward pass's,
+        // relative to the larger of the outputs.
+        let cfg = tch::no_grad(|| dit.forward_with_cfg(&io["x"], &io["t"], &io["cfg_y"], 4.0));
+        let cfg_scale = max_abs(&io["cfg"]).max(scale);
+        let cfg_diff = max_abs(&(&cfg - &io["cfg"])) / cfg_scale;
+        assert!(
+            cfg_diff <= 9.0 * allowed,
+            "spec {k}: forward_with_cfg, relative max difference {cfg_diff:e} (allowed {:e})",
+            9.0 * allowed
+        );
+
+        // Gradients of sum(out²), every trainable parameter and the input.
+        let grads = file(&dir, "dit.grad.safetensors");
+        let loss = out.square().sum(Kind::Float);
+        let params = vs.trainable_variables();
+        let named: BTreeMap<String, Tensor> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        assert_eq!(named.len(), params.len());
+        let mut inputs: Vec<Tensor> = named.values().map(Tensor::shallow_clone).collect();
+        inputs.push(x.shallow_clone());
+        let ours = Tensor::run_backward(&[loss], &inputs, false, false);
+        let gallowed = gradient_tolerance(&spec, x.size()[0]);
+        let mut names: Vec<&str> = named.keys().map(String::as_str).collect();
+        names.push("x");
+        assert_eq!(
+            names.len(),
+            grads.len(),
+            "the reference's gradients are every trainable parameter and x"
+        );
+        let mut worst = (String::new(), 0f64);
+        for (name, g) in names.iter().zip(&ours) {
+            let reference = &grads[*name];
+            let rel = norm(&(g - reference)) / norm(reference).max(1e-30);
+            if rel > worst.1 {
+                worst = (name.to_string(), rel);
+            }
+        }
+        assert!(
+            worst.1 <= gallowed,
+            "spec {k}: gradient of {}, relative difference {:e} (allowed {gallowed:e})",
+            worst.0,
+            worst.1
+        );
+        println!(
+            "spec {k} ({threads} threads): relative differences forward {diff:e} (allowed \
+             {allowed:e}), cfg {cfg_diff:e} (allowed {:e}), worst gradient {} {:e} (allowed \
+             {gallowed:e})",
+            9.0 * allowed,
+            worst.0,
+            worst.1
+        );
+    }
+}
+
+#[test]
+fn a_file_lacking_a_tensor_or_with_a_wrong_shape_is_refused_naming_it() {
+    let spec = &specs()[0];
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _dit = Dit::new(&vs.root(), spec);
+    // One tensor left out, one of the wrong shape.
+    let tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| n != "blocks.1.attn.qkv.bias")
+        .map(|(n, t)| {
+            if n == "y_embedder.embedding_table.weight" {
+                (n, Tensor::zeros([3, 3], (Kind::Float, Device::Cpu)))
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    let err = weights::copy_into(&vs, &tensors, Path::new("x.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing blocks.1.attn.qkv.bias"), "{err}");
+    assert!(err.contains("y_embedder.embedding_table.weight"), "{err}");
+}
+
+/// The public configurations: the paper's sizes, and DiT-XL/2's parameter
+/// count as the reference's train.py logs it (`sum(p.numel() for p in
+/// model.parameters())`, 675,129,632: the frozen pos_embed's 256 × 1152 =
+/// 294,912 included, 674,834,720 trained). Built on the CPU (2.7 GB, a
+/// few seconds of initialisation).
+#[test]
+fn the_public_sizes_and_dit_xl_2s_parameter_count() {
+    let xl2 = DitSpec::named("DiT-XL/2").unwrap();
+    assert_eq!(
+        (xl2.depth, xl2.hidden, xl2.heads, xl2.patch),
+        (28, 1152, 16, 2)
+    );
+    assert_eq!(
+        (
+            xl2.input_size,
+            xl2.in_channels,
+            xl2.classes,
+            xl2.out_channels()
+        ),
+        (32, 4, 1000, 8)
+    );
+    assert!(xl2.learn_sigma && xl2.class_dropout_prob == 0.1 && xl2.mlp_ratio == 4.0);
+    for name in NAMES {
+        let s = DitSpec::named(name).unwrap();
+        let (size, patch) = name.trim_start_matches("DiT-").split_once('/').unwrap();
+        let expected = match size {
+            "S" => (12, 384, 6),
+            "B" => (12, 768, 12),
+            "L" => (24, 1024, 16),
+            _ => (28, 1152, 16),
+        };
+        assert_eq!((s.depth, s.hidden, s.heads), expected, "{name}");
+        assert_eq!(s.patch.to_string(), patch, "{name}");
+    }
+    for bad in ["DiT-XXL/2", "DiT-XL/3", "XL/2", ""] {
+        let err = DitSpec::named(bad).unwrap_err();
+        assert!(err.contains(&format!("{bad:?}")), "{err}");
+    }
+
+    let count = |spec: &DitSpec| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _dit = Dit::new(&vs.root(), spec);
+        let all: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        let trainable: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        (all, trainable)
+    };
+    assert_eq!(count(&xl2), (675_129_632, 674_834_720));
+}
