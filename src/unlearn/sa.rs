@@ -138,8 +138,20 @@ fn surrogate(seed: u64, t: u64, positions: &[usize], shape: [i64; 3]) -> Tensor 
     Tensor::stack(&rows, 0)
 }
 
+/// The original's EMA beside `unlearn.from`, when the replay is sampled
+/// from it (`sample.weights = "ema"` and the file exists).
+fn replay_ema(s: &Session) -> Option<std::path::PathBuf> {
+    let ema = s
+        .plan
+        .unlearn
+        .from
+        .as_ref()?
+        .with_file_name(crate::engine::ema::EMA_FILE);
+    (s.plan.sample.weights == SampleWeights::Ema && ema.is_file()).then_some(ema)
+}
+
 /// What the prepared file depends on.
-fn prep_key(s: &Session, plan: &SaSection, class: i64) -> String {
+fn prep_key(s: &Session, plan: &SaSection, class: i64) -> Result<String> {
     let mut deps = plan.clone();
     // The loop's settings do not change what is prepared.
     deps.iterations = 0;
@@ -151,12 +163,20 @@ fn prep_key(s: &Session, plan: &SaSection, class: i64) -> String {
     let mut sample = s.plan.sample.clone();
     sample.from = String::new();
     sample.grid = 0;
+    // The weights that generate the replay set.
+    let replay = replay_ema(s)
+        .map(|p| weights::identify(&weights::read(&p)?, &p))
+        .transpose()?;
     let recipe = json!({
-        "from": s.from_hash, "seed": s.plan.seed, "class": class, "sa": deps,
+        "from": s.from_hash, "replay_weights": replay, "seed": s.plan.seed, "class": class,
+        "sa": deps,
         "sample": sample, "diffusion": s.plan.diffusion,
         "arch": s.plan.model.arch.name(),
     });
-    format!("sha256:{}", sha256_hex(recipe.to_string().as_bytes()))
+    Ok(format!(
+        "sha256:{}",
+        sha256_hex(recipe.to_string().as_bytes())
+    ))
 }
 
 impl Sa {
@@ -168,17 +188,8 @@ impl Sa {
         classes: &[i64],
         progress: &mut Progress,
     ) -> Result<(Tensor, Tensor)> {
-        let ema = s
-            .plan
-            .unlearn
-            .from
-            .as_ref()
-            .map(|from| from.with_file_name(crate::engine::ema::EMA_FILE));
         let loaded;
-        let (model, which) = if let Some(ema) = ema
-            && s.plan.sample.weights == SampleWeights::Ema
-            && ema.is_file()
-        {
+        let (model, which) = if let Some(ema) = replay_ema(s) {
             loaded = crate::sample::load_denoiser(s.plan, &ema, s.device)?;
             (&loaded, "EMA")
         } else {
@@ -301,7 +312,7 @@ impl Method for Sa {
         let classes: Vec<i64> = (0..s.model.classes)
             .filter(|&c| self.plan.fisher_forget_class || c != class)
             .collect();
-        let key = prep_key(s, &self.plan, class);
+        let key = prep_key(s, &self.plan, class)?;
         let path = s.plan.run_dir.join(PREP_FILE);
         // Rank 0 decides whether the prepared file is reusable; every rank
         // gets its bytes.
