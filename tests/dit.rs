@@ -153,12 +153,7 @@ fn dit_gives_the_references_outputs_guidance_and_gradients_on_its_weights() {
         assert!(!ours_pos.requires_grad(), "pos_embed is not trained");
         println!("spec {k}: pos_embed max |difference| {pos_diff:e}");
         // The parameter counts, as the reference counts them.
-        let all: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
-        let trainable: i64 = vs
-            .trainable_variables()
-            .iter()
-            .map(|t| t.numel() as i64)
-            .sum();
+        let (all, trainable) = numels(&vs);
         assert_eq!(all, counts["parameters"].as_i64().unwrap());
         assert_eq!(trainable, counts["trainable"].as_i64().unwrap());
 
@@ -324,13 +319,19 @@ fn the_public_sizes_and_dit_xl_2s_parameter_count() {
     let count = |spec: &DitSpec| {
         let vs = nn::VarStore::new(Device::Cpu);
         let _dit = Dit::new(&vs.root(), spec);
-        let all: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
-        let trainable: i64 = vs
-            .trainable_variables()
-            .iter()
-            .map(|t| t.numel() as i64)
-            .sum();
-        (all, trainable)
+        numels(&vs)
     };
     assert_eq!(count(&xl2), (675_129_632, 674_834_720));
+}
+
+/// Elements of every variable of `vs` (the reference's
+/// `model.parameters()`, frozen `pos_embed` included) and of the trained ones.
+fn numels(vs: &nn::VarStore) -> (i64, i64) {
+    let all = vs.variables().values().map(|t| t.numel() as i64).sum();
+    let trainable = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    (all, trainable)
 }
