@@ -71,6 +71,13 @@ pub fn weights_file(from: &Path, which: SampleWeights) -> Result<(PathBuf, bool)
     Ok((from.to_path_buf(), meta.contains_key(EMA_DECAY)))
 }
 
+/// The EMA file beside the weights file `path` when `which` asks for EMA
+/// weights and there is one (`None`: sample `path` itself).
+pub fn ema_beside(path: &Path, which: SampleWeights) -> Option<PathBuf> {
+    let ema = path.with_file_name(EMA_FILE);
+    (which == SampleWeights::Ema && ema.is_file()).then_some(ema)
+}
+
 /// Builds the configured denoiser and loads `path` into it; image channels
 /// and classes are read from the file (`conv_in`, `classes_emb`).
 pub fn load_denoiser(plan: &RunPlan, path: &Path, device: Device) -> Result<Model> {

@@ -109,15 +109,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
     // diffusion model's EMA when it is the one sampled (`sample.weights =
     // "ema"`). A short training's raw weights generate far worse than its
     // EMA (the release's 800,000 steps make the two alike).
-    let start = match original.with_file_name(crate::engine::ema::EMA_FILE) {
-        ema if denoiser
-            && plan.sample.weights == crate::config::raw::SampleWeights::Ema
-            && ema.is_file() =>
-        {
-            ema
-        }
-        _ => original.clone(),
-    };
+    let start = denoiser
+        .then(|| crate::sample::ema_beside(&original, plan.sample.weights))
+        .flatten()
+        .unwrap_or_else(|| original.clone());
     let original_id = weights::identify(&weights::read(&start)?, &start)?;
 
     let mut per_seed: Vec<(u64, Vec<Evaluated>)> = Vec::new();

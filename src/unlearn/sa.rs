@@ -59,7 +59,7 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use super::{Budget, Edit, Iteration, Method, Session};
-use crate::config::raw::{DecaySchedule, SaSection, SampleWeights};
+use crate::config::raw::{DecaySchedule, SaSection};
 use crate::data::sampler::share;
 use crate::diffusion::draws::{Draws, Key, Purpose};
 use crate::diffusion::loss::{Denoising, Rows, per_sample};
@@ -141,13 +141,7 @@ fn surrogate(seed: u64, t: u64, positions: &[usize], shape: [i64; 3]) -> Tensor 
 /// The original's EMA beside `unlearn.from`, when the replay is sampled
 /// from it (`sample.weights = "ema"` and the file exists).
 fn replay_ema(s: &Session) -> Option<std::path::PathBuf> {
-    let ema = s
-        .plan
-        .unlearn
-        .from
-        .as_ref()?
-        .with_file_name(crate::engine::ema::EMA_FILE);
-    (s.plan.sample.weights == SampleWeights::Ema && ema.is_file()).then_some(ema)
+    crate::sample::ema_beside(s.plan.unlearn.from.as_ref()?, s.plan.sample.weights)
 }
 
 /// What the prepared file depends on.
