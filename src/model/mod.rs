@@ -12,6 +12,7 @@ pub mod layout;
 pub mod norm;
 mod torch_pickle;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 pub mod zoo;
 
