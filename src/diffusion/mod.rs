@@ -13,6 +13,7 @@
 //!   the engine.
 //! - [`sample`]: the samplers.
 
+pub mod adm;
 pub mod draws;
 pub mod loss;
 pub mod sample;
