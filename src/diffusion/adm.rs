@@ -269,7 +269,7 @@ impl Process {
 
     /// Splits a model output into ε and the variance channels (`None` for
     /// a fixed variance): a learned variance has twice `x`'s channels.
-    fn split<'a>(&self, out: &'a Tensor, x: &Tensor) -> (Tensor, Option<Tensor>) {
+    fn split(&self, out: &Tensor, x: &Tensor) -> (Tensor, Option<Tensor>) {
         let c = x.size()[1];
         match self.variance {
             Variance::LearnedRange => {
