@@ -79,7 +79,7 @@ pub fn ema_beside(path: &Path, which: SampleWeights) -> Option<PathBuf> {
 }
 
 /// Builds the configured denoiser and loads `path` into it; image channels
-/// and classes are read from the file (`conv_in`, `classes_emb`).
+/// and classes are read from the file ([`crate::model::Arch::denoiser_shape_keys`]).
 pub fn load_denoiser(plan: &RunPlan, path: &Path, device: Device) -> Result<Model> {
     // Read once: the shapes come from the same bytes that are loaded.
     let bytes = weights::read(path)?;
@@ -93,8 +93,14 @@ pub fn load_denoiser(plan: &RunPlan, path: &Path, device: Device) -> Result<Mode
             )
         })
     };
-    let (conv_in, classes) = (shape("conv_in.weight")?, shape("classes_emb.weight")?);
-    let mut model = Model::new(plan.model.arch.clone(), conv_in[1], classes[0], device);
+    let (channels_key, classes_key, extra_rows) = plan
+        .model
+        .arch
+        .denoiser_shape_keys()
+        .context("not a denoiser")?;
+    let (channels, classes) = (shape(channels_key)?, shape(classes_key)?);
+    let classes = classes[0] - extra_rows;
+    let mut model = Model::new(plan.model.arch.clone(), channels[1], classes, device);
     model.load_bytes(&bytes, path)?;
     model
         .set_compute(plan.compute())
@@ -112,6 +118,7 @@ pub fn sampler_plan(plan: &RunPlan) -> Plan {
         },
         steps: s.steps,
         guidance: s.guidance,
+        clip: true,
     }
 }
 
@@ -258,8 +265,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
         .iter()
         .flat_map(|&c| (0..s.per_class).map(move |i| (c, i)))
         .collect();
-    let schedule = Schedule::of(&plan.diffusion, device);
-    let visits = sample::timesteps(schedule.steps(), s.steps).len() as u64;
+    let schedule = Schedule::of(&plan.diffusion, model.arch.learns_sigma(), device);
+    let visits = sample::visits(&schedule, s.steps) as u64;
     let local_rows = share(rows.len(), comm.rank(), comm.size()).len();
     let total = visits * local_rows.div_ceil(s.batch as usize) as u64;
     if comm.is_root() {
@@ -297,7 +304,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
         let summary = json!({
             "command": "sample", "images": rows.len(), "classes": classes,
             "per_class": s.per_class, "weights": which, "from": path.display().to_string(),
-            "method": s.method.as_str(), "steps": visits, "eta": s.eta, "guidance": s.guidance,
+            "method": s.method.as_str(), "process": plan.diffusion.process.as_str(), "steps": visits, "eta": s.eta, "guidance": s.guidance,
             "seed": plan.seed, "ranks": comm.size(), "seconds": started.elapsed().as_secs_f64(),
             // Rank 0's fastest sampling step (its batch of `sample.batch` at most).
             "fastest_step_s": fastest.is_finite().then_some(fastest),

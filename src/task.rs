@@ -31,7 +31,8 @@ impl TaskLoss {
         let d = &plan.diffusion;
         TaskLoss {
             task,
-            schedule: (task == Task::Denoise).then(|| Schedule::of(d, device)),
+            schedule: (task == Task::Denoise)
+                .then(|| Schedule::of(d, model.arch.learns_sigma(), device)),
             cond_drop: d.cond_drop,
             seed: plan.seed,
             device,

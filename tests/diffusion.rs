@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use sfron::diffusion::guided_eps;
 use sfron::model::unet::{Cond, Dropout, UnetSpec};
 use sfron::model::{Arch, Model, weights};
 use tch::{Device, Kind, Tensor};
@@ -126,7 +125,7 @@ fn the_unet_gives_pytorchs_outputs_on_the_same_weights_both_ways() {
             "{}: PyTorch weights in sfron, relative max difference {diff:e} (allowed {allowed:e})",
             spec.name()
         );
-        let guided = tch::no_grad(|| guided_eps(&model, &io["x"], &io["t"], &io["c"], 2.0));
+        let guided = tch::no_grad(|| model.denoise_guided(&io["x"], &io["t"], &io["c"], 2.0));
         // The guided output is 3 cond − 2 uncond: its error is at most 5
         // times one forward pass's, relative to the larger of the two.
         let scale = max_abs(&io["g"]).max(max_abs(&io["y"]));
@@ -445,14 +444,7 @@ fn bad_diffusion_input_exits_2_naming_it_and_writes_nothing() {
         let mut sets = base(name);
         sets.extend(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = support::sfron(&sets, &args);
-        let text = support::text(&o);
-        assert_eq!(o.status.code(), Some(2), "{name}: {text}");
-        assert!(text.contains(needle), "{name}: no {needle:?} in {text}");
-        assert!(
-            !dir.join("runs").join(name).exists(),
-            "{name}: a run folder was left behind"
-        );
+        support::assert_refused(&dir, name, &sets, &args, needle);
     }
 }
 

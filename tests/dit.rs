@@ -335,3 +335,123 @@ fn numels(vs: &nn::VarStore) -> (i64, i64) {
         .sum();
     (all, trainable)
 }
+
+/// A small DiT on the shipped digits through the commands, under ADM's
+/// process: `train` (the loss is ADM's MSE plus the variational bound, so
+/// it starts near 1 per element plus the bound's bits), `sample` with the
+/// respaced DDPM sampler (learned variance) and with DDIM, and `unlearn`
+/// with SFR-on; then the configurations that must be refused (exit 2, the
+/// key named, no run folder).
+#[test]
+fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
+    let dir = temp_dir("dit-cli");
+    let mnist = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
+    let base = |name: &str| {
+        vec![
+            format!("run.root={}", dir.join("runs").display()),
+            format!("run.name={name}"),
+            format!("data.root={mnist}"),
+            "data.train_limit=200".into(),
+            "data.workers=0".into(),
+            "data.transform=diffusion".into(),
+            format!("device.threads={}", support::threads()),
+            "log.level=warn".into(),
+            "model.arch=dit".into(),
+            "model.dit.name=DiT-S/4".into(),
+            "model.dit.depth=2".into(),
+            "model.dit.hidden=32".into(),
+            "model.dit.heads=2".into(),
+            "diffusion.ema_decay=0.9".into(),
+            "train.batch=16".into(),
+            "train.max_steps=4".into(),
+            "sample.per_class=1".into(),
+            "sample.classes=[2, 5]".into(),
+            "sample.steps=6".into(),
+        ]
+    };
+    let o = support::sfron(&base("train"), &["train"]);
+    assert!(o.status.success(), "{}", support::text(&o));
+    let run = dir.join("runs/train");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .find(|l| l.contains("\"step\""))
+            .unwrap(),
+    )
+    .unwrap();
+    let loss = first["loss"].as_f64().unwrap();
+    assert!(
+        loss.is_finite() && loss > 0.5 && loss < 50.0,
+        "first loss {loss}"
+    );
+    let from = run.display().to_string();
+    for (name, method) in [("sample-ddpm", "ddpm"), ("sample-ddim", "ddim")] {
+        let mut sets = base(name);
+        sets.push(format!("sample.method={method}"));
+        let o = support::sfron(&sets, &["sample", "--from", &from]);
+        assert!(o.status.success(), "{name}: {}", support::text(&o));
+        let out = dir.join("runs").join(name);
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("sample.json")).unwrap())
+                .unwrap();
+        assert_eq!(meta["process"], "adm");
+        assert_eq!(
+            meta["steps"], 6,
+            "the respaced process takes sample.steps steps"
+        );
+        let (tensors, _) = weights::load(&out.join("samples.safetensors")).unwrap();
+        let images = &tensors.iter().find(|(n, _)| n == "images").unwrap().1;
+        assert_eq!(images.size(), [2, 1, 28, 28]);
+    }
+    let split = dir.join("split.json").display().to_string();
+    let o = support::sfron(
+        &base("split"),
+        &["split", "--scenario", "class:3", "--out", &split],
+    );
+    assert!(o.status.success(), "{}", support::text(&o));
+    let mut sets = base("sfron");
+    sets.extend([
+        "unlearn.batch=16".into(),
+        "unlearn.forget_batch=8".into(),
+        "sfron.iterations=3".into(),
+        "sfron.fisher_batch=16".into(),
+        "sfron.fisher_remain_batches=1".into(),
+    ]);
+    let weights_file = run.join("model.safetensors").display().to_string();
+    let o = support::sfron(
+        &sets,
+        &[
+            "unlearn",
+            "--method",
+            "sfron",
+            "--from",
+            &weights_file,
+            "--split",
+            &split,
+        ],
+    );
+    assert!(o.status.success(), "{}", support::text(&o));
+    assert!(dir.join("runs/sfron/model.safetensors").is_file());
+
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("name", vec!["model.dit.name=DiT-XXL/2"], "model.dit.name"),
+        (
+            "release",
+            vec!["diffusion.process=release"],
+            "diffusion.process",
+        ),
+        ("patch", vec!["model.dit.patch=3"], "model.dit"),
+        ("heads", vec!["model.dit.heads=3"], "model.dit"),
+        (
+            "null-class",
+            vec!["diffusion.cond_drop=0"],
+            "diffusion.cond_drop",
+        ),
+    ];
+    for (name, extra, needle) in cases {
+        let mut sets = base(name);
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        support::assert_refused(&dir, name, &sets, &["train"], needle);
+    }
+}

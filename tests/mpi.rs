@@ -1403,15 +1403,9 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         let img = tensors.into_iter().find(|(n, _)| n == "images").unwrap().1;
         images.push((np, img, o, ok));
     }
-    let base = images[0].1.to_kind(tch::Kind::Int);
+    let base = &images[0].1;
     for (np, img, o, ok) in &images[1..] {
-        let diff = (img.to_kind(tch::Kind::Int) - &base).abs();
-        let worst = diff.max().int64_value(&[]);
-        let share = diff
-            .gt(0)
-            .to_kind(tch::Kind::Double)
-            .mean(tch::Kind::Double)
-            .double_value(&[]);
+        let (share, worst) = pixel_difference(img, base);
         println!(
             "ddpm_unet sample {np} ranks vs 1: {share:.2e} of the pixels differ, by at most {worst} level(s)"
         );
@@ -1421,6 +1415,204 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             o,
         );
     }
+}
+
+/// A small DiT (depth 2, width 32 in 2 heads, patch 4 on 28 × 28 digits,
+/// learned variance) under ADM's process: training, SFR-on (its Fisher, and
+/// its loop from the 1-rank Fisher), GA and the respaced sampler with the
+/// learned variance on 1 and 2 ranks give 1 rank's results.
+fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
+    let limit = Duration::from_secs(300);
+    let root = std::path::Path::new(run_root).join("dit");
+    let root_s = root.display().to_string();
+    let job = |np: usize, name: &str, sets: &[&str], args: &[&str]| {
+        let mut cmd = sfron_on(np);
+        let common = [
+            format!("run.root={root_s}"),
+            format!("run.name={name}"),
+            format!("data.root={MNIST}"),
+            "data.train_limit=400".into(),
+            "data.transform=diffusion".into(),
+            "data.workers=0".into(),
+            format!("device.threads={}", support::threads()),
+            "model.arch=dit".into(),
+            "model.dit.name=DiT-S/4".into(),
+            "model.dit.depth=2".into(),
+            "model.dit.hidden=32".into(),
+            "model.dit.heads=2".into(),
+            "diffusion.ema_decay=0.9".into(),
+            "train.batch=16".into(),
+            "train.lr=0.01".into(),
+            "train.momentum=0.9".into(),
+            "train.max_steps=8".into(),
+            "train.log_every=1".into(),
+            "sample.per_class=2".into(),
+            "sample.classes=[1, 3]".into(),
+            "sample.method=ddpm".into(),
+            "sample.steps=8".into(),
+            "sample.batch=3".into(),
+            "sample.grid=2".into(),
+        ];
+        for set in common
+            .iter()
+            .map(String::as_str)
+            .chain(sets.iter().copied())
+        {
+            cmd.args(["--set", set]);
+        }
+        cmd.args(args);
+        run(cmd, limit)
+    };
+    for np in [1, 2] {
+        let o = job(np, &format!("train-np{np}"), &[], &["train"]);
+        if o.code != Some(0) {
+            report(&format!("dit_train_np{np}"), false, &o);
+            return;
+        }
+        if np == 1 {
+            continue;
+        }
+        let (one, two) = (run_dir(&root_s, "train-np1"), run_dir(&root_s, "train-np2"));
+        let path = error_model::path(&one.join("metrics.jsonl"), 0.9);
+        let w = support::l2_difference(
+            &one.join("model.safetensors"),
+            &two.join("model.safetensors"),
+        );
+        let e = support::l2_difference(&one.join("ema.safetensors"), &two.join("ema.safetensors"));
+        let (w, e) = (w / path, e / path);
+        println!(
+            "dit train 2 ranks vs 1: weights {w:.2e}, EMA {e:.2e} of the path (tolerance {:.1e})",
+            error_model::trajectory()
+        );
+        report(
+            "dit_train_1_rank_equals_2_ranks",
+            w <= error_model::trajectory() && e <= error_model::trajectory(),
+            &o,
+        );
+    }
+    let one = run_dir(&root_s, "train-np1");
+    let split = root.join("split.json").display().to_string();
+    let o = job(
+        1,
+        "split",
+        &[],
+        &["split", "--scenario", "class:3", "--out", &split],
+    );
+    if o.code != Some(0) {
+        report("dit_split", false, &o);
+        return;
+    }
+    let original = one.join("model.safetensors").display().to_string();
+    let unlearn = |np: usize, name: &str, method: &str, more: &[&str]| {
+        let mut sets = vec![
+            "unlearn.batch=16",
+            "unlearn.forget_batch=8",
+            "unlearn.momentum=0.9",
+            "unlearn.log_every=1",
+            "sfron.iterations=5",
+            "sfron.lr=0.01",
+            "sfron.lr_schedule=constant",
+            "sfron.forget_every=1",
+            "sfron.fisher_batch=16",
+            "sfron.fisher_remain_batches=2",
+            "ga.epochs=1",
+            "ga.lr=0.001",
+        ];
+        sets.extend_from_slice(more);
+        let args = [
+            "unlearn", "--method", method, "--from", &original, "--split", &split,
+        ];
+        job(np, name, &sets, &args)
+    };
+    for method in ["sfron", "ga"] {
+        let o1 = unlearn(1, &format!("{method}-np1"), method, &[]);
+        if o1.code != Some(0) {
+            report(&format!("dit_{method}_np1"), false, &o1);
+            continue;
+        }
+        let a = run_dir(&root_s, &format!("{method}-np1"));
+        // The loop from the same Fisher (its mask may flip entries near γ
+        // whichever way the sums round): the 2-rank run on a copy of it.
+        let cache = root.join(format!("{method}-fisher.safetensors"));
+        let mut more = Vec::new();
+        let cache_set = format!("sfron.fisher_cache={}", cache.display());
+        if method == "sfron" {
+            std::fs::copy(a.join("fisher.safetensors"), &cache).unwrap();
+            more.push(cache_set.as_str());
+        }
+        let o2 = unlearn(2, &format!("{method}-np2"), method, &more);
+        let b = run_dir(&root_s, &format!("{method}-np2"));
+        let path = error_model::path(&a.join("metrics.jsonl"), 0.9);
+        let w = if o2.code == Some(0) {
+            support::l2_difference(&a.join("model.safetensors"), &b.join("model.safetensors"))
+                / path
+        } else {
+            f64::INFINITY
+        };
+        let mut ok = w <= error_model::trajectory();
+        let mut fisher_note = String::new();
+        if method == "sfron" && o2.code == Some(0) {
+            // The Fisher itself, reduced over 2 ranks.
+            let o3 = unlearn(2, "sfron-np2-fisher", "sfron", &["sfron.iterations=1"]);
+            let fb = run_dir(&root_s, "sfron-np2-fisher").join("fisher.safetensors");
+            let fa = a.join("fisher.safetensors");
+            let fisher = if o3.code == Some(0) {
+                support::relative_l2_difference(&fa, &fb, "forget.")
+                    .max(support::relative_l2_difference(&fa, &fb, "remain."))
+            } else {
+                f64::INFINITY
+            };
+            ok &= fisher <= error_model::fisher();
+            fisher_note = format!(
+                ", Fisher {fisher:.2e} (tolerance {:.1e})",
+                error_model::fisher()
+            );
+        }
+        println!(
+            "dit {method} 2 ranks vs 1: weights {w:.2e} of the path (tolerance {:.1e}){fisher_note}",
+            error_model::trajectory()
+        );
+        report(&format!("dit_{method}_1_rank_equals_2_ranks"), ok, &o2);
+    }
+    // The respaced sampler with the learned variance, from the EMA.
+    let from = one.display().to_string();
+    let mut images = Vec::new();
+    for np in [1, 2] {
+        let name = format!("sample-np{np}");
+        let o = job(np, &name, &[], &["sample", "--from", &from]);
+        if o.code != Some(0) {
+            report(&format!("dit_sample_np{np}"), false, &o);
+            return;
+        }
+        let file = run_dir(&root_s, &name).join("samples.safetensors");
+        let (tensors, _) = sfron::model::weights::load(&file).unwrap();
+        images.push((
+            tensors.into_iter().find(|(n, _)| n == "images").unwrap().1,
+            o,
+        ));
+    }
+    let (share, worst) = pixel_difference(&images[1].0, &images[0].0);
+    println!(
+        "dit sample 2 ranks vs 1: {share:.2e} of the pixels differ, by at most {worst} level(s)"
+    );
+    report(
+        "dit_sample_1_rank_equals_2_ranks",
+        images[1].0.size() == images[0].0.size() && worst <= 1 && share <= 1e-3,
+        &images[1].1,
+    );
+}
+
+/// Two runs' uint8 images: the share of pixels that differ and the largest
+/// difference in levels.
+fn pixel_difference(a: &tch::Tensor, b: &tch::Tensor) -> (f64, i64) {
+    let diff = (a.to_kind(tch::Kind::Int) - b.to_kind(tch::Kind::Int)).abs();
+    let worst = diff.max().int64_value(&[]);
+    let share = diff
+        .gt(0)
+        .to_kind(tch::Kind::Double)
+        .mean(tch::Kind::Double)
+        .double_value(&[]);
+    (share, worst)
 }
 
 /// The share of the forget Fisher's mass that mask entries flipped between
@@ -1539,13 +1731,14 @@ fn driver() -> i32 {
     // developer's shortcut; the suite runs them all).
     let only = std::env::var("SFRON_MPI_ONLY").ok();
     type Group = fn(&str, &mut dyn FnMut(&str, bool, &Outcome));
-    let groups: [(&str, Group); 6] = [
+    let groups: [(&str, Group); 7] = [
         ("training", |r, mut f| training(r, &mut f)),
         ("unlearning", |r, mut f| unlearning(r, &mut f)),
         ("baselines", |r, mut f| baselines(r, &mut f)),
         ("evaluation", |r, mut f| evaluation(r, &mut f)),
         ("global_batchnorm", |r, mut f| global_batchnorm(r, &mut f)),
         ("diffusion", |r, mut f| diffusion(r, &mut f)),
+        ("dit", |r, mut f| dit(r, &mut f)),
     ];
     for (name, group) in groups {
         if only.as_deref().is_none_or(|o| o == name) {

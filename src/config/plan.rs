@@ -5,14 +5,15 @@ use std::path::PathBuf;
 
 use super::raw::{
     BatchNormMode, CheckpointSection, CommSection, DataFormat, DecaySchedule, DeviceKind,
-    DiffusionSection, EpochSchedule, EvalSection, LogSection, LossPrecision, NonFinite, OnCorrupt,
-    OptimizerName, Precision, SaliencyName, SampleSection, ScheduleName, Select, StudySection,
-    TrainOn, TransformName, UnlearnMethod,
+    DiffusionProcess, DiffusionSection, EpochSchedule, EvalSection, LogSection, LossPrecision,
+    NonFinite, OnCorrupt, OptimizerName, Precision, SaliencyName, SampleSection, ScheduleName,
+    Select, StudySection, TrainOn, TransformName, UnlearnMethod,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
 use crate::data::{CorruptPolicy, Format, Transform};
 use crate::model::Arch;
+use crate::model::dit::DitSpec;
 use crate::model::unet::UnetSpec;
 
 /// Libtorch intra-op threads above this are a typo, not a machine.
@@ -137,7 +138,7 @@ impl RunPlan {
         };
         let data = data_plan(&config)?;
         let model = model_plan(&config, &data)?;
-        let diffusion = diffusion_plan(&config)?;
+        let diffusion = diffusion_plan(&config, &model)?;
         sample_checks(&config, &diffusion)?;
         diffusion_rl_checks(&config)?;
         sa_checks(&config)?;
@@ -725,6 +726,7 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
                 .map_err(|e| config.key_error("model.unet", e))?;
             Arch::Unet(spec)
         }
+        Arch::Dit(_) => Arch::Dit(dit_spec(config, data)?),
         other => other,
     };
     Ok(ModelPlan {
@@ -735,6 +737,40 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
             explicit: config.origin("model.batchnorm") != super::DEFAULT_ORIGIN,
         },
     })
+}
+
+/// `dit`'s shape: `[model.dit]`'s named model with its overrides, on the
+/// data's (square) side; channels and classes are the data's, set when the
+/// model is built ([`crate::model::Model::new`]).
+fn dit_spec(config: &LoadedConfig, data: &DataPlan) -> Result<DitSpec, ConfigError> {
+    let d = &config.raw.model.dit;
+    let named = DitSpec::named(&d.name).map_err(|e| config.key_error("model.dit.name", e))?;
+    let [channels, height, width] = data.train_transform.shape;
+    if height != width {
+        return Err(config.key_error(
+            "model.arch",
+            format!("dit takes square inputs; the data's are {height}x{width}"),
+        ));
+    }
+    let or = |v: i64, named: i64| if v == 0 { named } else { v };
+    let spec = DitSpec {
+        depth: or(d.depth, named.depth),
+        hidden: or(d.hidden, named.hidden),
+        heads: or(d.heads, named.heads),
+        patch: or(d.patch, named.patch),
+        mlp_ratio: if d.mlp_ratio == 0.0 {
+            named.mlp_ratio
+        } else {
+            d.mlp_ratio
+        },
+        input_size: height as i64,
+        in_channels: channels as i64,
+        learn_sigma: d.learn_sigma,
+        class_dropout_prob: config.raw.diffusion.cond_drop,
+        ..named
+    };
+    spec.check().map_err(|e| config.key_error("model.dit", e))?;
+    Ok(spec)
 }
 
 /// What a task needs of the rest of the configuration: a denoiser reads
@@ -755,10 +791,19 @@ fn task_checks(
         return Err(config.key_error(
             "data.transform",
             format!(
-                "{:?} normalises for a classifier; ddpm_unet reads pixels in [-1, 1]: use \
+                "{:?} normalises for a classifier; {} reads pixels in [-1, 1]: use \
                  \"diffusion\" (or \"diffusion_flip\" for the release's CIFAR-10 flips)",
-                transform.as_str()
+                transform.as_str(),
+                model.arch.name()
             ),
+        ));
+    }
+    let guided = config.raw.sample.guidance > 0.0 || config.raw.sfron.fisher_guidance > 0.0;
+    if matches!(model.arch, Arch::Dit(_)) && config.raw.diffusion.cond_drop == 0.0 && guided {
+        return Err(config.key_error(
+            "diffusion.cond_drop",
+            "0 leaves the DiT without a null class, which classifier-free guidance \
+             (sample.guidance, sfron.fisher_guidance) needs: set those to 0 or cond_drop above 0",
         ));
     }
     if train.select != Select::Last {
@@ -874,8 +919,30 @@ fn sample_checks(config: &LoadedConfig, diffusion: &DiffusionSection) -> Result<
     Ok(())
 }
 
-fn diffusion_plan(config: &LoadedConfig) -> Result<DiffusionSection, ConfigError> {
-    let d = &config.raw.diffusion;
+/// `[diffusion]` checked, its `process` resolved (`auto`: ADM's for a DiT,
+/// the release's otherwise).
+fn diffusion_plan(
+    config: &LoadedConfig,
+    model: &ModelPlan,
+) -> Result<DiffusionSection, ConfigError> {
+    let mut d = config.raw.diffusion.clone();
+    if d.process == DiffusionProcess::Auto {
+        d.process = match model.arch {
+            Arch::Dit(_) => DiffusionProcess::Adm,
+            _ => DiffusionProcess::Release,
+        };
+    }
+    if model.arch.learns_sigma() && d.process != DiffusionProcess::Adm {
+        return Err(config.key_error(
+            "diffusion.process",
+            format!(
+                "{:?}: a DiT with learn_sigma predicts its variance, which only ADM's process \
+                 trains and samples with: use \"adm\" (or model.dit.learn_sigma = false)",
+                d.process.as_str()
+            ),
+        ));
+    }
+    let d = &d;
     if d.timesteps < 1 {
         return Err(config.key_error("diffusion.timesteps", "must be at least 1"));
     }

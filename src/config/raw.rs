@@ -305,6 +305,8 @@ pub struct ModelSection {
     pub batchnorm: BatchNormMode,
     /// The shape of `ddpm_unet`.
     pub unet: UnetSection,
+    /// The shape of `dit`.
+    pub dit: DitSection,
 }
 
 impl Default for ModelSection {
@@ -315,6 +317,40 @@ impl Default for ModelSection {
             init: String::new(),
             batchnorm: BatchNormMode::Global,
             unet: UnetSection::default(),
+            dit: DitSection::default(),
+        }
+    }
+}
+
+/// `dit`'s shape: one of the reference's `DiT_models` by name, any of its
+/// numbers overridden (0 keeps the named model's). The latent side, channels
+/// and classes come from the data; the class table has the null row of
+/// classifier-free guidance when `diffusion.cond_drop` is above 0.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DitSection {
+    /// `DiT-XL/2` … `DiT-S/8`.
+    pub name: String,
+    pub depth: i64,
+    pub hidden: i64,
+    pub heads: i64,
+    pub patch: i64,
+    pub mlp_ratio: f64,
+    /// Predict the variance too (8 output channels on 4-channel latents);
+    /// needs `diffusion.process = "adm"`.
+    pub learn_sigma: bool,
+}
+
+impl Default for DitSection {
+    fn default() -> Self {
+        DitSection {
+            name: "DiT-XL/2".into(),
+            depth: 0,
+            hidden: 0,
+            heads: 0,
+            patch: 0,
+            mlp_ratio: 0.0,
+            learn_sigma: true,
         }
     }
 }
@@ -357,11 +393,30 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// Whose diffusion process a denoiser trains and samples with.
+    DiffusionProcess {
+        /// `release` for `ddpm_unet`, `adm` for `dit`.
+        Auto => "auto",
+        /// The DDPM release's (`DDPM/`): float32 schedule, the squared
+        /// error summed over pixels, antithetic timesteps, its DDPM
+        /// (fixed-large, x0 clamped) and DDIM samplers on uniform skips.
+        Release => "release",
+        /// guided-diffusion's as DiT runs it ([`crate::diffusion::adm`]):
+        /// float64 tables, the mean squared error plus the variational
+        /// bound with a learned variance, uniform timesteps, respaced
+        /// sampling.
+        Adm => "adm",
+    }
+}
+
 /// The diffusion process of a denoiser (defaults: the release's
 /// `diffusion` and `model` keys for CIFAR-10).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiffusionSection {
+    /// Whose process: the DDPM release's or ADM's (DiT's).
+    pub process: DiffusionProcess,
     pub beta_schedule: BetaSchedule,
     pub beta_start: f64,
     pub beta_end: f64,
@@ -384,6 +439,7 @@ pub struct DiffusionSection {
 impl Default for DiffusionSection {
     fn default() -> Self {
         DiffusionSection {
+            process: DiffusionProcess::Auto,
             beta_schedule: BetaSchedule::Linear,
             beta_start: 1e-4,
             beta_end: 0.02,

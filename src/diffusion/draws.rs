@@ -3,9 +3,10 @@
 //! holds draw what they would draw in one rank's whole batch, so N ranks
 //! compute the loss one rank computes.
 //!
-//! - timesteps in antithetic pairs as the release draws them
+//! - timesteps in antithetic pairs as the DDPM release draws them
 //!   (`t = cat([t, T − 1 − t])[:n]` pairs row k with row k + n/2 there;
-//!   here positions 2k and 2k + 1 share a pair: the same distribution);
+//!   here positions 2k and 2k + 1 share a pair: the same distribution), or
+//!   each row its own as ADM (DiT) draws them;
 //! - the noise ε of each row, N(0, 1) from libtorch's CPU generator seeded
 //!   by the row's key (the same numbers on any device);
 //! - the dropped conditions (classifier-free guidance training), each row's
@@ -59,12 +60,14 @@ pub struct Key {
 
 impl Draws {
     /// The draws of the rows at `positions` of the global batch, for images
-    /// of `shape` `[C, H, W]`, `timesteps` T, condition dropout `drop`.
+    /// of `shape` `[C, H, W]`, `timesteps` T (in antithetic pairs or
+    /// not), condition dropout `drop`.
     pub fn new(
         key: Key,
         positions: &[usize],
         shape: [i64; 3],
         timesteps: i64,
+        antithetic: bool,
         drop: f64,
         device: Device,
     ) -> Self {
@@ -73,6 +76,9 @@ impl Draws {
         let t: Vec<f32> = positions
             .iter()
             .map(|&p| {
+                if !antithetic {
+                    return row(tag::TIMESTEP, p as u64).below(timesteps as u64) as f32;
+                }
                 let base = row(tag::TIMESTEP, (p / 2) as u64).below(timesteps as u64) as i64;
                 (if p % 2 == 0 {
                     base
@@ -137,8 +143,16 @@ mod tests {
             purpose: Purpose::Train,
             step: 7,
         };
-        let all = Draws::new(key, &[0, 1, 2, 3, 4], [1, 4, 4], 1000, 0.1, Device::Cpu);
-        let part = Draws::new(key, &[3, 4], [1, 4, 4], 1000, 0.1, Device::Cpu);
+        let all = Draws::new(
+            key,
+            &[0, 1, 2, 3, 4],
+            [1, 4, 4],
+            1000,
+            true,
+            0.1,
+            Device::Cpu,
+        );
+        let part = Draws::new(key, &[3, 4], [1, 4, 4], 1000, true, 0.1, Device::Cpu);
         assert!(all.noise.narrow(0, 3, 2).equal(&part.noise));
         assert!(all.t.narrow(0, 3, 2).equal(&part.t));
         assert_eq!(all.dropout[3..], part.dropout[..]);

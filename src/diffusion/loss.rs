@@ -31,7 +31,15 @@ impl Rows {
     pub fn at(den: &Denoising, key: Key, batch: &Batch, pos: &[usize], device: Device) -> Self {
         let size = batch.images.size();
         let shape = [size[1], size[2], size[3]];
-        let draws = Draws::new(key, pos, shape, den.schedule.steps(), den.cond_drop, device);
+        let draws = Draws::new(
+            key,
+            pos,
+            shape,
+            den.schedule.steps(),
+            den.schedule.antithetic(),
+            den.cond_drop,
+            device,
+        );
         Rows {
             x0: batch.images.to_device(device),
             c: batch.labels.to_device(device),
@@ -48,32 +56,31 @@ impl Rows {
     }
 }
 
-/// Per-row losses `‖ε − ε_θ(x_t, t, c)‖²` `[N]` (summed over pixels);
-/// `train` turns on condition dropout and the UNet's dropout (keyed per row).
+/// Per-row losses `[N]` of the schedule's process
+/// ([`Schedule::row_losses`]: the release's `‖ε − ε_θ(x_t, t, c)‖²` summed
+/// over pixels, or ADM's); `train` turns on condition dropout and the
+/// UNet's dropout (keyed per row); in eval mode `den.guidance` above 0
+/// takes the loss of the guided output.
 pub fn per_sample(model: &Model, den: &Denoising, rows: &Rows, train: bool) -> Tensor {
     let d = &rows.draws;
     let xt = den.schedule.noised(&rows.x0, &d.t, &d.noise);
-    if !train && den.guidance > 0.0 {
-        let eps = super::guided_eps(model, &xt, &d.t, &rows.c, den.guidance);
-        return (&d.noise - eps)
-            .square()
-            .sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Float);
-    }
-    let keep = (train && den.cond_drop > 0.0).then_some(&d.keep);
-    let cond = Cond {
-        t: &d.t,
-        c: &rows.c,
-        keep,
-    };
-    let dropout = if train {
-        Dropout::Keyed(&d.dropout)
+    let out = if !train && den.guidance > 0.0 {
+        model.denoise_guided(&xt, &d.t, &rows.c, den.guidance)
     } else {
-        Dropout::Off
+        let keep = (train && den.cond_drop > 0.0).then_some(&d.keep);
+        let cond = Cond {
+            t: &d.t,
+            c: &rows.c,
+            keep,
+        };
+        let dropout = if train {
+            Dropout::Keyed(&d.dropout)
+        } else {
+            Dropout::Off
+        };
+        model.denoise(&xt, &cond, &dropout)
     };
-    let eps = model.denoise(&xt, &cond, &dropout);
-    (&d.noise - eps)
-        .square()
-        .sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Float)
+    den.schedule.row_losses(&out, &rows.x0, &xt, &d.t, &d.noise)
 }
 
 /// Back-propagates `scale ×` the *sum* of the rows' losses into `engine`

@@ -18,37 +18,3 @@ pub mod draws;
 pub mod loss;
 pub mod sample;
 pub mod schedule;
-
-use tch::{Kind, Tensor};
-
-use crate::model::Model;
-use crate::model::unet::{Cond, Dropout};
-
-/// The guided noise prediction of the release's `_forward_with_cond_scale`:
-/// `(1 + w) ε(x, t, c) − w ε(x, t, ∅)`, both halves in one forward pass of
-/// `2N` rows; `w = 0` is the conditional prediction alone.
-pub fn guided_eps(model: &Model, x: &Tensor, t: &Tensor, c: &Tensor, w: f64) -> Tensor {
-    if w == 0.0 {
-        let cond = Cond { t, c, keep: None };
-        return model.denoise(x, &cond, &Dropout::Off);
-    }
-    let n = x.size()[0];
-    let xx = Tensor::cat(&[x, x], 0);
-    let tt = Tensor::cat(&[t, t], 0);
-    let cc = Tensor::cat(&[c, c], 0);
-    let keep = Tensor::cat(
-        &[
-            Tensor::ones([n], (Kind::Bool, x.device())),
-            Tensor::zeros([n], (Kind::Bool, x.device())),
-        ],
-        0,
-    );
-    let cond = Cond {
-        t: &tt,
-        c: &cc,
-        keep: Some(&keep),
-    };
-    let eps = model.denoise(&xx, &cond, &Dropout::Off);
-    let (with, without) = (eps.narrow(0, 0, n), eps.narrow(0, n, n));
-    with * (1.0 + w) - without * w
-}

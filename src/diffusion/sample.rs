@@ -11,9 +11,16 @@
 //!   `x̂₀ = clamp(√(1/ᾱ) x − √(1/ᾱ − 1) ε, −1, 1)`,
 //!   `x' = (√ᾱ' β x̂₀ + √(1 − β)(1 − ᾱ') x)/(1 − ᾱ) + √β z`, no noise at t = 0.
 //!
-//! ε is the guided prediction ([`super::guided_eps`]). Every image draws
-//! its start and its per-step noise z from its own key, so an image is the
-//! same whichever rank and batch generate it.
+//! ε is the guided prediction ([`Model::denoise_guided`]).
+//!
+//! Under ADM's process ([`super::adm`], DiT's) the sampler runs the process
+//! respaced to `steps` (`create_diffusion(str(steps))`): `p_sample` (the
+//! model's learned-range or the fixed-large variance, as DiT's
+//! `p_sample_loop`) or `ddim_sample`, the model fed each step's original
+//! timestep; `x̂₀` is clamped to [−1, 1] when [`Plan::clip`] says so.
+//!
+//! Every image draws its start and its per-step noise z from its own key,
+//! so an image is the same whichever rank and batch generate it.
 
 use tch::{Device, Kind, Tensor};
 
@@ -38,9 +45,21 @@ pub struct Plan {
     pub steps: i64,
     /// Guidance scale w.
     pub guidance: f64,
+    /// Clamp ADM's predicted `x̂₀` to [−1, 1] (pixel data; DiT's
+    /// `sample.py` does not clamp its latents). The release's DDPM sampler
+    /// always clamps, its DDIM never does.
+    pub clip: bool,
 }
 
-/// The visited timesteps, ascending.
+/// How many steps the sampler takes under `schedule`'s process.
+pub fn visits(schedule: &Schedule, steps: i64) -> usize {
+    match schedule.adm_spaced(steps) {
+        Some(p) => p.steps() as usize,
+        None => timesteps(schedule.steps(), steps).len(),
+    }
+}
+
+/// The visited timesteps of the release's process, ascending.
 pub fn timesteps(total: i64, steps: i64) -> Vec<i64> {
     let skip = (total / steps.clamp(1, total)).max(1);
     (0..total).step_by(skip as usize).collect()
@@ -80,6 +99,24 @@ pub fn generate(
         .map(f64::from)
         .collect();
     let mut x = noise_of(keys, u64::MAX, &shape).to_device(device);
+    if let Some(process) = schedule.adm_spaced(plan.steps) {
+        tch::no_grad(|| {
+            for i in (0..process.steps()).rev() {
+                let step = Tensor::full([n], i, (Kind::Int64, device));
+                let tt = process.model_timesteps(&step);
+                let out = model.denoise_guided(&x, &tt, &c, plan.guidance);
+                let z = noise_of(keys, i as u64, &shape).to_device(device);
+                x = match plan.method {
+                    Method::Ddpm => process.p_sample(&out, &x, &step, &z, plan.clip),
+                    Method::Ddim { eta } => {
+                        process.ddim_sample(&out, &x, &step, &z, eta, plan.clip)
+                    }
+                };
+                each_step();
+            }
+        });
+        return x;
+    }
     tch::no_grad(|| {
         for (i, &t) in seq.iter().enumerate().rev() {
             let a = abar[t as usize];
@@ -89,7 +126,7 @@ pub fn generate(
                 abar[seq[i - 1] as usize]
             };
             let tt = Tensor::full([n], t as f64, (Kind::Float, device));
-            let eps = super::guided_eps(model, &x, &tt, &c, plan.guidance);
+            let eps = model.denoise_guided(&x, &tt, &c, plan.guidance);
             let z = || noise_of(keys, i as u64, &shape).to_device(device);
             x = match plan.method {
                 Method::Ddim { eta } => {

@@ -1,12 +1,15 @@
-//! The noise schedule: β_t for t = 0..T, and ᾱ_t = Π_{s≤t} (1 − β_s).
+//! The noise schedule: β_t for t = 0..T, and ᾱ_t = Π_{s≤t} (1 − β_s), and
+//! whose process runs on it.
 //!
-//! As the release (`get_beta_schedule`): β is laid out in float64
-//! (`np.linspace`), then held in float32, and ᾱ is the float32 cumulative
-//! product of `1 − β` (the order PyTorch's `cumprod` takes).
+//! The DDPM release's process (`get_beta_schedule`): β is laid out in
+//! float64 (`np.linspace`), then held in float32, and ᾱ is the float32
+//! cumulative product of `1 − β` (the order PyTorch's `cumprod` takes).
+//! ADM's ([`super::adm`]) keeps every table in float64.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::raw::{BetaSchedule, DiffusionSection};
+use super::adm;
+use crate::config::raw::{BetaSchedule, DiffusionProcess, DiffusionSection};
 
 #[derive(Debug)]
 pub struct Schedule {
@@ -14,10 +17,15 @@ pub struct Schedule {
     pub betas: Tensor,
     /// ᾱ_t, float32, `[T]`.
     pub alphas_cumprod: Tensor,
+    /// β_t in float64, as laid out.
+    betas64: Vec<f64>,
+    /// ADM's process over every step (`None`: the DDPM release's process).
+    pub adm: Option<adm::Process>,
 }
 
 impl Schedule {
-    /// `kind` from `start` to `end` over `steps` timesteps, on `device`.
+    /// `kind` from `start` to `end` over `steps` timesteps, on `device`,
+    /// for the DDPM release's process.
     pub fn new(kind: BetaSchedule, start: f64, end: f64, steps: i64, device: Device) -> Self {
         let n = steps as usize;
         let at = |i: usize| {
@@ -36,25 +44,78 @@ impl Schedule {
                 }
             })
             .collect();
-        let betas = Tensor::from_slice(&betas)
+        let betas64 = betas;
+        let betas = Tensor::from_slice(&betas64)
             .to_kind(Kind::Float)
             .to_device(device);
         let alphas_cumprod = betas.neg().g_add_scalar(1.0).cumprod(0, Kind::Float);
         Schedule {
             betas,
             alphas_cumprod,
+            betas64,
+            adm: None,
         }
     }
 
-    /// The schedule `[diffusion]` describes, on `device`.
-    pub fn of(d: &DiffusionSection, device: Device) -> Self {
-        Schedule::new(
+    /// The schedule and process `[diffusion]` describes (its `process`
+    /// resolved: `auto` is taken as the release's), on `device`; ADM's
+    /// process has the learned-range variance when the denoiser predicts
+    /// it (`learn_sigma`).
+    pub fn of(d: &DiffusionSection, learn_sigma: bool, device: Device) -> Self {
+        let mut s = Schedule::new(
             d.beta_schedule,
             d.beta_start,
             d.beta_end,
             d.timesteps,
             device,
-        )
+        );
+        if d.process == DiffusionProcess::Adm {
+            let variance = if learn_sigma {
+                adm::Variance::LearnedRange
+            } else {
+                adm::Variance::FixedLarge
+            };
+            let all: Vec<i64> = (0..d.timesteps).collect();
+            s.adm = Some(adm::Process::new(&s.betas64, &all, variance));
+        }
+        s
+    }
+
+    /// ADM's process respaced to `steps` sampling steps (DiT's
+    /// `create_diffusion(str(steps))`), `None` for the release's process.
+    pub fn adm_spaced(&self, steps: i64) -> Option<adm::Process> {
+        let p = self.adm.as_ref()?;
+        let keep = adm::space_timesteps(self.steps(), &steps.to_string())
+            .expect("sample.steps is checked to be 1 to diffusion.timesteps");
+        Some(adm::Process::new(&self.betas64, &keep, p.variance()))
+    }
+
+    /// Whether training draws timesteps in antithetic pairs (the release)
+    /// rather than independently (ADM's `torch.randint`).
+    pub fn antithetic(&self) -> bool {
+        self.adm.is_none()
+    }
+
+    /// Per-row losses `[N]` of a denoiser's output `out` at `x_t`: the
+    /// release's `‖ε − ε̂‖²` summed over pixels, or ADM's
+    /// `training_losses` (mean squared error, plus the variational bound
+    /// with a learned variance).
+    pub fn row_losses(
+        &self,
+        out: &Tensor,
+        x0: &Tensor,
+        xt: &Tensor,
+        t: &Tensor,
+        noise: &Tensor,
+    ) -> Tensor {
+        match &self.adm {
+            Some(p) => p.training_losses(out, x0, xt, t, noise),
+            None => {
+                (noise - out)
+                    .square()
+                    .sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Float)
+            }
+        }
     }
 
     /// T.
@@ -62,8 +123,12 @@ impl Schedule {
         self.betas.size()[0]
     }
 
-    /// `x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε` for integer timesteps `t` `[N]`.
+    /// `x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε` for integer timesteps `t` `[N]`
+    /// (ADM's `q_sample` on its float64 tables under its process).
     pub fn noised(&self, x0: &Tensor, t: &Tensor, eps: &Tensor) -> Tensor {
+        if let Some(p) = &self.adm {
+            return p.q_sample(x0, t, eps);
+        }
         let a = self
             .alphas_cumprod
             .index_select(0, &t.to_kind(Kind::Int64))

@@ -303,7 +303,11 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
     let rows: Vec<(i64, u64)> = (0..model.classes)
         .flat_map(|c| (0..per_class).map(move |i| (c, i)))
         .collect();
-    let schedule = crate::diffusion::schedule::Schedule::of(&plan.diffusion, device);
+    let schedule = crate::diffusion::schedule::Schedule::of(
+        &plan.diffusion,
+        model.arch.learns_sigma(),
+        device,
+    );
     let mut progress = Progress::new(&plan.run_dir, comm.is_root(), "eval", 0, 0)?;
     let images = sample::generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?.0;
     progress.finish();

@@ -43,10 +43,10 @@
 //! caller passes the draws ([`Dit::forward`]'s `drop`), so that a result
 //! does not depend on how a batch is split over ranks.
 //!
-//! Not here yet: the VAE that maps images to latents and back, the
-//! diffusion process and sampler of the reference (`diffusion/`,
-//! `sample.py`), loading a `.pt` checkpoint directly, and the wiring into
-//! the model zoo ([`super::zoo`]).
+//! In the zoo as `model.arch = "dit"` (`[model.dit]`), a denoiser trained
+//! and sampled with ADM's process ([`crate::diffusion::adm`]); the VAE of
+//! its latents is [`super::vae`]. Not here yet: latent datasets, and
+//! loading a `.pt` checkpoint directly.
 
 use tch::nn;
 use tch::{Kind, Tensor};
@@ -126,10 +126,52 @@ impl DitSpec {
         })
     }
 
+    /// The public name when the shape is one of [`NAMES`] on 32 × 32 × 4
+    /// latents of 1000 classes, else the shape spelled out.
+    pub fn name(&self) -> String {
+        let public = NAMES.iter().find(|n| {
+            DitSpec::named(n).is_ok_and(|s| {
+                DitSpec {
+                    learn_sigma: self.learn_sigma,
+                    class_dropout_prob: self.class_dropout_prob,
+                    ..s
+                } == *self
+            })
+        });
+        match public {
+            Some(name) => name.to_string(),
+            None => format!(
+                "dit(depth={}, hidden={}, heads={}, patch={}, input={}x{}x{}, mlp_ratio={}, \
+                 learn_sigma={})",
+                self.depth,
+                self.hidden,
+                self.heads,
+                self.patch,
+                self.in_channels,
+                self.input_size,
+                self.input_size,
+                self.mlp_ratio,
+                self.learn_sigma
+            ),
+        }
+    }
+
     /// Channels of the output: `2 in_channels` with `learn_sigma`.
     pub fn out_channels(&self) -> i64 {
         if self.learn_sigma {
             2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+
+    /// The noise channels classifier-free guidance combines: 3 on the
+    /// reference's 4-channel latents (its `forward_with_cfg` guides exactly
+    /// 3 "for exact reproducibility reasons"), every noise channel otherwise
+    /// (the standard approach, as the reference's comment calls it).
+    pub fn guided_channels(&self) -> i64 {
+        if self.in_channels == 4 {
+            3
         } else {
             self.in_channels
         }
@@ -482,20 +524,19 @@ impl Dit {
     /// batch. `x`, `t`, `y` have an even `N`; only the first half of `x` is
     /// used (doubled), `y` holds the classes of the first half then (as a
     /// caller of the reference passes) the null class for the second. The
-    /// output's first 3 channels of both halves become `uncond + scale
-    /// (cond − uncond)`; the remaining channels are the plain predictions.
-    /// Guiding exactly 3 channels is the reference's choice for its 4-channel
-    /// latents ("for exact reproducibility reasons"; the standard approach
-    /// guides all `in_channels`), kept here as it is.
+    /// output's first [`DitSpec::guided_channels`] channels of both halves
+    /// become `uncond + scale (cond − uncond)`; the remaining channels are
+    /// the plain predictions. Guiding exactly 3 channels is the reference's
+    /// choice for its 4-channel latents, kept here as it is.
     pub fn forward_with_cfg(&self, x: &Tensor, t: &Tensor, y: &Tensor, scale: f64) -> Tensor {
         let n = x.size()[0];
         assert!(n % 2 == 0, "forward_with_cfg needs an even batch, not {n}");
         let half = x.narrow(0, 0, n / 2);
         let combined = Tensor::cat(&[&half, &half], 0);
         let out = self.forward(&combined, t, y, None);
-        let channels = out.size()[1];
-        let eps = out.narrow(1, 0, 3);
-        let rest = out.narrow(1, 3, channels - 3);
+        let (channels, guided) = (out.size()[1], self.spec.guided_channels());
+        let eps = out.narrow(1, 0, guided);
+        let rest = out.narrow(1, guided, channels - guided);
         let cond = eps.narrow(0, 0, n / 2);
         let uncond = eps.narrow(0, n / 2, n / 2);
         let half_eps = &uncond + (&cond - &uncond) * scale;

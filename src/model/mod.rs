@@ -25,8 +25,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::raw::Precision;
 pub use layout::Compute;
 pub use weights::WeightsError;
-use zoo::Net;
 pub use zoo::{Arch, Task};
+use zoo::{Denoiser, Net};
 
 pub struct Model {
     pub arch: Arch,
@@ -58,7 +58,16 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// A freshly initialised model (initialisation drawn from libtorch's
     /// generator: seed it with `tch::manual_seed` first for a reproducible one).
+    /// A DiT takes its latent channels and classes from the arguments.
     pub fn new(arch: Arch, in_channels: i64, classes: i64, device: Device) -> Self {
+        let arch = match arch {
+            Arch::Dit(spec) => Arch::Dit(dit::DitSpec {
+                in_channels,
+                classes,
+                ..spec
+            }),
+            other => other,
+        };
         let vs = nn::VarStore::new(device);
         let norm = norm::NormSync::default();
         let net = arch.build(&vs.root(), in_channels, classes, &norm);
@@ -146,14 +155,70 @@ impl Model {
         }
     }
 
-    /// The predicted noise of a denoiser (see [`unet::Unet::forward`]), in
-    /// fp32 whatever the precision. Panics on a classifier: commands check
-    /// the task when they read the configuration.
+    /// A denoiser's output for noised inputs `xs` under `cond`, in fp32
+    /// whatever the precision: the UNet's predicted noise
+    /// ([`unet::Unet::forward`]), or the DiT's prediction (the noise, then
+    /// the variance channels with `learn_sigma`; [`dit::Dit::forward`], the
+    /// rows `cond.keep` leaves out given the null class). `dropout` is the
+    /// UNet's (the DiT has none). Panics on a classifier: commands check the
+    /// task when they read the configuration.
     pub fn denoise(&self, xs: &Tensor, cond: &unet::Cond, dropout: &unet::Dropout) -> Tensor {
-        let Net::Denoiser(unet) = &self.net else {
+        match self.denoiser() {
+            Denoiser::Unet(unet) => self.compute_t(xs, |x| unet.forward(x, cond, dropout)),
+            Denoiser::Dit(dit) => {
+                let drop = cond.keep.map(Tensor::logical_not);
+                self.compute_t(xs, |x| dit.forward(x, cond.t, cond.c, drop.as_ref()))
+            }
+        }
+    }
+
+    /// The classifier-free guided output for classes `c`, `w = 0` the
+    /// conditional output alone, else both halves in one forward pass of
+    /// `2N` rows. The UNet guides its whole output as the DDPM release's
+    /// `_forward_with_cond_scale`: `(1 + w) ε(c) − w ε(∅)`. The DiT as its
+    /// reference's `forward_with_cfg` with scale `1 + w`: the same
+    /// combination on the first three channels, the rest conditional.
+    pub fn denoise_guided(&self, x: &Tensor, t: &Tensor, c: &Tensor, w: f64) -> Tensor {
+        let cond = unet::Cond { t, c, keep: None };
+        if w == 0.0 {
+            return self.denoise(x, &cond, &unet::Dropout::Off);
+        }
+        let n = x.size()[0];
+        let xx = Tensor::cat(&[x, x], 0);
+        let tt = Tensor::cat(&[t, t], 0);
+        match self.denoiser() {
+            Denoiser::Unet(unet) => {
+                let cc = Tensor::cat(&[c, c], 0);
+                let keep = Tensor::cat(
+                    &[
+                        Tensor::ones([n], (Kind::Bool, x.device())),
+                        Tensor::zeros([n], (Kind::Bool, x.device())),
+                    ],
+                    0,
+                );
+                let cond = unet::Cond {
+                    t: &tt,
+                    c: &cc,
+                    keep: Some(&keep),
+                };
+                let out = self.compute_t(&xx, |x| unet.forward(x, &cond, &unet::Dropout::Off));
+                let (with, without) = (out.narrow(0, 0, n), out.narrow(0, n, n));
+                with * (1.0 + w) - without * w
+            }
+            Denoiser::Dit(dit) => {
+                let null = Tensor::full_like(c, dit.spec().classes);
+                let cc = Tensor::cat(&[c, &null], 0);
+                self.compute_t(&xx, |x| dit.forward_with_cfg(x, &tt, &cc, 1.0 + w))
+                    .narrow(0, 0, n)
+            }
+        }
+    }
+
+    fn denoiser(&self) -> &Denoiser {
+        let Net::Denoiser(net) = &self.net else {
             panic!("{} is not a denoiser", self.arch.name())
         };
-        self.compute_t(xs, |x| unet.forward(x, cond, dropout))
+        net
     }
 
     /// A classifier's penultimate features `[N, D]` (eval mode here means
@@ -169,7 +234,13 @@ impl Model {
     /// classifier).
     pub fn image_shape(&self) -> Option<[i64; 3]> {
         match &self.net {
-            Net::Denoiser(unet) => Some([self.in_channels, unet.resolution(), unet.resolution()]),
+            Net::Denoiser(net) => Some(match net {
+                Denoiser::Unet(unet) => [self.in_channels, unet.resolution(), unet.resolution()],
+                Denoiser::Dit(dit) => {
+                    let side = dit.spec().input_size;
+                    [self.in_channels, side, side]
+                }
+            }),
             Net::Classifier(_) => None,
         }
     }

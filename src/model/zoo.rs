@@ -12,10 +12,14 @@
 //! - `ddpm_unet`: the SFR-on authors' class-conditional DDPM UNet, a
 //!   denoiser rather than a classifier ([`super::unet`]; its shape is
 //!   `[model.unet]`).
+//! - `dit`: the DiT of Peebles & Xie, a denoiser on latents or pixels
+//!   ([`super::dit`]; its shape is `[model.dit]`, the public names
+//!   `DiT-XL/2` … `DiT-S/8`).
 
 use tch::Tensor;
 use tch::nn::{self, ModuleT};
 
+use super::dit::{Dit, DitSpec};
 use super::norm::{BatchNorm, NormSync, batch_norm2d};
 use super::unet::{Unet, UnetSpec};
 
@@ -27,6 +31,7 @@ pub enum Arch {
     Resnet18,
     Resnet50,
     Unet(UnetSpec),
+    Dit(DitSpec),
 }
 
 /// What a network computes, which decides its loss, its evaluation and the
@@ -56,16 +61,23 @@ pub trait Classifier: ModuleT {
     fn features_t(&self, xs: &Tensor, train: bool) -> Tensor;
 }
 
-/// A built network: a classifier's forward pass or the denoiser.
+/// A built network: a classifier's forward pass or a denoiser.
 pub enum Net {
     Classifier(Box<dyn Classifier>),
-    Denoiser(Box<Unet>),
+    Denoiser(Denoiser),
+}
+
+/// The denoisers of the zoo.
+#[derive(Debug)]
+pub enum Denoiser {
+    Unet(Box<Unet>),
+    Dit(Box<Dit>),
 }
 
 impl Arch {
     /// Parses `mnist_cnn`, `mnist_cnn_bn`, `resnet18_cifar`, `resnet18`,
-    /// `resnet50`, `ddpm_unet` (the released shape; the configuration sets
-    /// another).
+    /// `resnet50`, `ddpm_unet` (the released shape), `dit` (DiT-XL/2; the
+    /// configuration sets the shape).
     pub fn parse(name: &str, width: f64) -> Option<Self> {
         match name {
             "mnist_cnn" => Some(Arch::MnistCnn { batch_norm: false }),
@@ -74,6 +86,7 @@ impl Arch {
             "resnet18" => Some(Arch::Resnet18),
             "resnet50" => Some(Arch::Resnet50),
             "ddpm_unet" => Some(Arch::Unet(UnetSpec::released())),
+            "dit" => DitSpec::named("DiT-XL/2").ok().map(Arch::Dit),
             _ => None,
         }
     }
@@ -85,18 +98,43 @@ impl Arch {
         "resnet18",
         "resnet50",
         "ddpm_unet",
+        "dit",
     ];
 
     pub fn task(&self) -> Task {
         match self {
-            Arch::Unet(_) => Task::Denoise,
+            Arch::Unet(_) | Arch::Dit(_) => Task::Denoise,
             _ => Task::Classify,
         }
     }
 
+    /// Where a denoiser's weights say its input channels and classes: the
+    /// tensor whose dimension 1 is the channels, the one whose rows are the
+    /// classes, and how many of those rows are not classes (DiT's null
+    /// class). `None` for a classifier.
+    pub fn denoiser_shape_keys(&self) -> Option<(&'static str, &'static str, i64)> {
+        match self {
+            Arch::Unet(_) => Some(("conv_in.weight", "classes_emb.weight", 0)),
+            Arch::Dit(spec) => Some((
+                "x_embedder.proj.weight",
+                "y_embedder.embedding_table.weight",
+                i64::from(spec.has_null_class()),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether a denoiser predicts its variance too (DiT's `learn_sigma`).
+    pub fn learns_sigma(&self) -> bool {
+        matches!(self, Arch::Dit(spec) if spec.learn_sigma)
+    }
+
     /// Whether the network has BatchNorm layers.
     pub fn has_batch_norm(&self) -> bool {
-        !matches!(self, Arch::MnistCnn { batch_norm: false } | Arch::Unet(_))
+        !matches!(
+            self,
+            Arch::MnistCnn { batch_norm: false } | Arch::Unet(_) | Arch::Dit(_)
+        )
     }
 
     pub fn name(&self) -> String {
@@ -107,14 +145,27 @@ impl Arch {
             Arch::Resnet18 => "resnet18".into(),
             Arch::Resnet50 => "resnet50".into(),
             Arch::Unet(spec) => spec.name(),
+            Arch::Dit(spec) => spec.name(),
         }
     }
 
     /// Builds the network's variables under `root` and returns its forward
     /// pass; its BatchNorm layers normalise as `norm` says.
     pub fn build(&self, root: &nn::Path, in_channels: i64, classes: i64, norm: &NormSync) -> Net {
-        if let Arch::Unet(spec) = self {
-            return Net::Denoiser(Box::new(Unet::new(root, spec, in_channels, classes)));
+        match self {
+            Arch::Unet(spec) => {
+                let unet = Unet::new(root, spec, in_channels, classes);
+                return Net::Denoiser(Denoiser::Unet(Box::new(unet)));
+            }
+            Arch::Dit(spec) => {
+                assert_eq!(
+                    (spec.in_channels, spec.classes),
+                    (in_channels, classes),
+                    "the DiT spec's channels and classes are the model's"
+                );
+                return Net::Denoiser(Denoiser::Dit(Box::new(Dit::new(root, spec))));
+            }
+            _ => {}
         }
         Net::Classifier(match *self {
             Arch::MnistCnn { batch_norm } => {
@@ -148,7 +199,7 @@ impl Arch {
                 };
                 Box::new(ResNet::new(root, in_channels, classes, shape, norm))
             }
-            Arch::Unet(_) => unreachable!("built above"),
+            Arch::Unet(_) | Arch::Dit(_) => unreachable!("built above"),
         })
     }
 }

@@ -50,7 +50,8 @@ impl DiffusionRl {
     }
 }
 
-/// Per-row `Σ_pixels (ε_θ(x_t, c) − sg ε_θ(x_t, c'))²` of the forget rows.
+/// Per-row `Σ_pixels (ε_θ(x_t, c) − sg ε_θ(x_t, c'))²` of the forget rows
+/// (the predicted noise: a learned variance's channels are left out).
 /// The target pass uses its own condition-dropout and dropout draws
 /// (`Purpose::Target`), as the release's second forward pass draws anew.
 fn relabel_losses(s: &Session, rows: &Rows, target: &Rows) -> Tensor {
@@ -74,7 +75,9 @@ fn relabel_losses(s: &Session, rows: &Rows, target: &Rows) -> Tensor {
         keep: (den.cond_drop > 0.0).then_some(&d.keep),
     };
     let eps = s.model.denoise(&xt, &cond, &Dropout::Keyed(&d.dropout));
-    (eps - target_eps)
+    // The noise channels (a DiT with learn_sigma has its variance after them).
+    let c = rows.x0.size()[1];
+    (eps.narrow(1, 0, c) - target_eps.narrow(1, 0, c))
         .square()
         .sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Float)
 }

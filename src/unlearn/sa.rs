@@ -248,7 +248,9 @@ impl Sa {
             let positions: Vec<usize> = (0..k as usize).collect();
             for chunk in positions.chunks(self.plan.fisher_batch as usize) {
                 let n = chunk.len() as i64;
-                let mut draws = Draws::new(key, chunk, shape, total, cond_drop, s.device);
+                let antithetic = den.schedule.antithetic();
+                let mut draws =
+                    Draws::new(key, chunk, shape, total, antithetic, cond_drop, s.device);
                 draws.t =
                     Tensor::from_slice(&ts[chunk[0]..chunk[0] + chunk.len()]).to_device(s.device);
                 let x0 = x.unsqueeze(0).expand([n, -1, -1, -1], false);
@@ -259,8 +261,12 @@ impl Sa {
                     c: &cs,
                     keep: (cond_drop > 0.0).then_some(&draws.keep),
                 };
-                let eps = s.model.denoise(&xt, &cond, &Dropout::Off);
-                let loss = (&draws.noise - eps).square().sum(Kind::Float) * scale;
+                let out = s.model.denoise(&xt, &cond, &Dropout::Off);
+                let loss = den
+                    .schedule
+                    .row_losses(&out, &x0, &xt, &draws.t, &draws.noise)
+                    .sum(Kind::Float)
+                    * scale;
                 s.engine.backward(&loss);
             }
             let _ = sum.g_add_(&s.engine.flat_local_grad().to_kind(Kind::Double).square());
@@ -394,14 +400,14 @@ impl Method for Sa {
                 ..s.task.denoising(false).expect("a denoiser")
             };
             let shape = s.model.image_shape().context("a denoiser")?;
-            let steps = den.schedule.steps();
+            let (steps, antithetic) = (den.schedule.steps(), den.schedule.antithetic());
             let draws = |purpose| {
                 let key = Key {
                     seed,
                     purpose,
                     step: t,
                 };
-                Draws::new(key, &positions, shape, steps, 0.0, s.device)
+                Draws::new(key, &positions, shape, steps, antithetic, 0.0, s.device)
             };
             let n = positions.len() as i64;
             let forget = Rows {

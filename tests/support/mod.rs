@@ -285,3 +285,24 @@ pub fn mask_differences(
     }
     (unexplained, explained)
 }
+
+/// Runs sfron with `sets` and `args` and asserts the refusal every bad input
+/// gets: exit code 2, `needle` (the key or file) in the message, and no run
+/// folder `runs/<name>` under `dir`.
+#[allow(dead_code)]
+pub fn assert_refused(
+    dir: &std::path::Path,
+    name: &str,
+    sets: &[String],
+    args: &[&str],
+    needle: &str,
+) {
+    let o = sfron(sets, args);
+    let text = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{name}: {text}");
+    assert!(text.contains(needle), "{name}: no {needle:?} in {text}");
+    assert!(
+        !dir.join("runs").join(name).exists(),
+        "{name}: a run folder was left behind"
+    );
+}
