@@ -83,6 +83,9 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
         Command::Sample(_) => {
             return sample::run(comm, &plan, device);
         }
+        Command::Encode(_) => {
+            return crate::encode::run(comm, &plan, device);
+        }
         Command::Doctor(args) => {
             let report = doctor::run(comm, &plan, device, args)?;
             if comm.is_root() {
@@ -211,7 +214,7 @@ fn require_task(plan: &RunPlan, command: &Command) -> Result<()> {
     use crate::model::Task;
     let task = plan.model.arch.task();
     let takes: &[Task] = match command {
-        Command::Train(_) | Command::Doctor(_) | Command::Split(_) => {
+        Command::Train(_) | Command::Doctor(_) | Command::Split(_) | Command::Encode(_) => {
             &[Task::Classify, Task::Denoise]
         }
         Command::Sample(_) => &[Task::Denoise],

@@ -74,6 +74,7 @@ impl Command {
             Command::Eval(_) => "eval",
             Command::Study(_) => "study",
             Command::Sample(_) => "sample",
+            Command::Encode(_) => "encode",
             Command::Convert(_) => "convert",
             Command::Bench(_) => "bench",
         }
@@ -111,6 +112,16 @@ impl Command {
             Command::Sample(a) => {
                 let mut sets = a.more.sets.clone();
                 sets.extend(a.shorthand_sets());
+                sets
+            }
+            Command::Encode(a) => {
+                let mut sets = a.more.sets.clone();
+                if let Some(v) = &a.vae {
+                    sets.push(format!("encode.vae={}", v.display()));
+                }
+                if let Some(o) = &a.out {
+                    sets.push(format!("encode.out={}", o.display()));
+                }
                 sets
             }
         }
@@ -164,6 +175,12 @@ pub enum Command {
     /// rank 0 writes `samples.safetensors` (uint8 images and labels) and
     /// `grid.png` to the run folder.
     Sample(SampleArgs),
+    /// Encode the images of `data.root` (train and test) with a VAE
+    /// (`[vae]`, `--vae` weights) into a latent dataset at `--out`
+    /// (`data.format = "latents"` reads it): ADM's centre crop to
+    /// `encode.image_size`, the posterior moments of each image and its
+    /// mirror, sharded across ranks, resumable.
+    Encode(EncodeArgs),
     /// The whole study from one config: split, original, Retrain, every
     /// method of `study.methods` per seed of `study.seeds`, evaluations and
     /// the report. Stages whose outputs exist and match are reused.
@@ -400,6 +417,18 @@ pub struct EvalArgs {
     /// Retrain's weights: adds KL/JS on the forget set and the gaps.
     #[arg(long, value_name = "WEIGHTS")]
     pub reference: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub more: MoreSets,
+    /// Shorthand for `--set encode.vae=FILE`: the VAE weights (safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub vae: Option<PathBuf>,
+    /// Shorthand for `--set encode.out=DIR`: the latent dataset's folder.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

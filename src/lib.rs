@@ -8,6 +8,7 @@
 //! - [`device`]: CUDA/CPU choice and libtorch threads per rank.
 //! - [`telemetry`]: tracing setup, quiet by rank.
 //! - [`doctor`]: installation and collective checks; [`split`]: `sfron split`;
+//!   [`encode`]: `sfron encode` (images to a latent dataset through a VAE);
 //!   [`bench`]: `sfron bench` measurements.
 //! - [`data`]: formats, split manifests, sharded sampler, transforms, loader.
 //! - [`rng`]: keyed random streams (every random choice is a function of its key).
@@ -35,6 +36,7 @@ pub mod data;
 pub mod device;
 pub mod diffusion;
 pub mod doctor;
+pub mod encode;
 pub mod engine;
 pub mod eval;
 pub mod exit;

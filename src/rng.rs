@@ -96,6 +96,13 @@ impl Rng {
     }
 
     /// True with probability `p`.
+    /// A standard normal draw (Box–Muller on two uniforms, the cosine branch).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform(); // (0, 1]: ln is finite
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
     pub fn chance(&mut self, p: f64) -> bool {
         self.uniform() < p
     }

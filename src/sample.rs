@@ -31,6 +31,7 @@ use crate::diffusion::sample::{self, Method, Plan};
 use crate::diffusion::schedule::Schedule;
 use crate::engine::ema::EMA_FILE;
 use crate::engine::progress::Progress;
+use crate::model::vae::{Vae, VaeSpec};
 use crate::model::{Model, weights};
 use crate::rng::{Rng, tag};
 use crate::rundir::{EMA_DECAY, MODEL_FILE, Status, save_config};
@@ -118,7 +119,8 @@ pub fn sampler_plan(plan: &RunPlan) -> Plan {
         },
         steps: s.steps,
         guidance: s.guidance,
-        clip: true,
+        // Pixels live in [−1, 1]; DiT's sample.py does not clamp latents.
+        clip: plan.data.format != crate::data::Format::Latents,
     }
 }
 
@@ -151,7 +153,11 @@ pub fn generate_sharded(
 ) -> Result<(Option<Tensor>, f64)> {
     let mut fastest = f64::INFINITY;
     let sampler = sampler_plan(plan);
-    let shape = model.image_shape().context("not a denoiser")?;
+    let decoder = latent_decoder(plan, model.vs.device())?;
+    let shape = match &decoder {
+        Some((_, pixels)) => *pixels,
+        None => model.image_shape().context("not a denoiser")?,
+    };
     let mine = &rows[share(rows.len(), comm.rank(), comm.size())];
     let per_batch = plan.sample.batch as usize;
     let mut done = 0u64;
@@ -170,6 +176,10 @@ pub fn generate_sharded(
             done += 1;
             progress.show(done, &format!("{finished} of {} images", mine.len()));
         });
+        let x = match &decoder {
+            Some((vae, _)) => tch::no_grad(|| vae.net.decode_scaled(&x)),
+            None => x,
+        };
         local.push(to_pixels(&x).to_device(Device::Cpu));
     }
     let bytes: Vec<u8> = if local.is_empty() {
@@ -184,6 +194,44 @@ pub fn generate_sharded(
         Tensor::from_slice(&flat).view([rows.len() as i64, shape[0], shape[1], shape[2]])
     });
     Ok((images, fastest))
+}
+
+/// The VAE that decodes a latent denoiser's samples (data.format =
+/// "latents"): the one its latent dataset was encoded with (the index's
+/// file, checked by digest), with the `[C, H, W]` of the images it
+/// decodes to; `None` for pixel data.
+pub fn latent_decoder(plan: &RunPlan, device: Device) -> Result<Option<(Vae, [i64; 3])>> {
+    if plan.data.format != crate::data::Format::Latents {
+        return Ok(None);
+    }
+    let dir = plan.data.root.join("train");
+    let index = crate::data::latents::read_index(&dir)?;
+    let spec: VaeSpec = VaeSpec {
+        in_channels: index.vae_spec["in_channels"].as_i64().unwrap_or(3),
+        out_channels: index.vae_spec["out_channels"].as_i64().unwrap_or(3),
+        block_out: index.vae_spec["block_out"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+            .unwrap_or_default(),
+        layers_per_block: index.vae_spec["layers_per_block"].as_i64().unwrap_or(0),
+        latent_channels: index.latent_channels as i64,
+        groups: index.vae_spec["groups"].as_i64().unwrap_or(0),
+        scaling_factor: index.scaling_factor,
+    };
+    let path = PathBuf::from(&index.vae_file);
+    let digest = weights::identify(&weights::read(&path)?, &path)?;
+    if digest != index.vae_digest {
+        bail!(
+            "{}: not the VAE {} was encoded with (digest {digest}, the index says {}): the \
+             samples would decode wrongly",
+            path.display(),
+            dir.display(),
+            index.vae_digest
+        );
+    }
+    let vae = Vae::load(&path, &spec, device)?;
+    let side = (index.latent_side as i64) * spec.downsampling();
+    Ok(Some((vae, [spec.out_channels, side, side])))
 }
 
 /// A PNG of `images` uint8 `[N, C, H, W]` laid out `rows × cols` (row-major,

@@ -1574,6 +1574,54 @@ fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         );
         report(&format!("dit_{method}_1_rank_equals_2_ranks"), ok, &o2);
     }
+    // `sfron encode` on 2 ranks writes 1 rank's shards (each shard is one
+    // rank's whole computation: bit-identical).
+    let vae_file = root.join("vae.safetensors");
+    support::write_small_vae(&vae_file, 5);
+    let encode_sets = [
+        "vae.block_out=[16, 32]",
+        "vae.layers_per_block=1",
+        "vae.groups=8",
+        "vae.scaling_factor=0.5",
+        "encode.image_size=16",
+        "encode.shard_size=25",
+        "data.test_limit=60",
+    ];
+    let mut encoded = Vec::new();
+    for np in [1, 2] {
+        let out = root.join(format!("latents-np{np}"));
+        let args = [
+            "encode",
+            "--vae",
+            vae_file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let o = job(np, &format!("encode-np{np}"), &encode_sets, &args);
+        if o.code != Some(0) {
+            report(&format!("dit_encode_np{np}"), false, &o);
+            return;
+        }
+        encoded.push((out, o));
+    }
+    let same = ["train", "test"].iter().all(|part| {
+        let (a, b) = (encoded[0].0.join(part), encoded[1].0.join(part));
+        let shards = std::fs::read_dir(&a)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with("shard-"))
+            .collect::<Vec<_>>();
+        !shards.is_empty()
+            && shards
+                .iter()
+                .all(|n| support::same_bits(&a.join(n), &b.join(n)))
+            && std::fs::read(a.join("index.json")).unwrap()
+                == std::fs::read(b.join("index.json")).unwrap()
+    });
+    println!("dit encode 2 ranks vs 1: shards and index identical {same}");
+    report("dit_encode_1_rank_equals_2_ranks", same, &encoded[1].1);
+
     // The respaced sampler with the learned variance, from the EMA.
     let from = one.display().to_string();
     let mut images = Vec::new();

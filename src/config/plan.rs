@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 
 use super::raw::{
-    BatchNormMode, CheckpointSection, CommSection, DataFormat, DecaySchedule, DeviceKind,
-    DiffusionProcess, DiffusionSection, EpochSchedule, EvalSection, LogSection, LossPrecision,
-    NonFinite, OnCorrupt, OptimizerName, Precision, SaliencyName, SampleSection, ScheduleName,
-    Select, StudySection, TrainOn, TransformName, UnlearnMethod,
+    BatchNormMode, CheckpointSection, CommSection, DataFormat, DataSection, DecaySchedule,
+    DeviceKind, DiffusionProcess, DiffusionSection, EncodeSection, EpochSchedule, EvalSection,
+    LogSection, LossPrecision, NonFinite, OnCorrupt, OptimizerName, Precision, SaliencyName,
+    SampleSection, ScheduleName, Select, StudySection, TrainOn, TransformName, UnlearnMethod,
+    VaeSection,
 };
 use super::{ConfigError, LoadedConfig};
 use crate::comm::Topology;
@@ -62,6 +63,10 @@ pub struct RunPlan {
     pub eval: EvalSection,
     /// `sfron sample` (checked: steps within T, guidance ≥ 0, counts ≥ 1).
     pub sample: SampleSection,
+    /// The VAE of latent data (`sfron encode`, decoding samples).
+    pub vae: VaeSection,
+    /// `sfron encode` (checked: a VAE file, an out folder, sizes ≥ 1).
+    pub encode: EncodeSection,
     pub study: StudySection,
     pub topology: Topology,
     /// The merged configuration this plan came from (for printing and saving).
@@ -181,6 +186,8 @@ impl RunPlan {
             baselines,
             eval: raw.eval.clone(),
             sample: raw.sample.clone(),
+            vae: raw.vae.clone(),
+            encode: raw.encode.clone(),
             diffusion,
             study: raw.study.clone(),
             run_dir: PathBuf::from(&raw.run.root).join(name),
@@ -784,10 +791,13 @@ fn task_checks(
         return Ok(());
     }
     let transform = config.raw.data.transform;
-    if !matches!(
-        transform,
-        TransformName::Diffusion | TransformName::DiffusionFlip
-    ) {
+    let latents = config.raw.data.format == DataFormat::Latents;
+    if !latents
+        && !matches!(
+            transform,
+            TransformName::Diffusion | TransformName::DiffusionFlip
+        )
+    {
         return Err(config.key_error(
             "data.transform",
             format!(
@@ -1065,7 +1075,11 @@ fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {
         DataFormat::Cifar100 => Format::Cifar100,
         DataFormat::ImageFolder => Format::ImageFolder,
         DataFormat::Tar => Format::Tar,
+        DataFormat::Latents => Format::Latents,
     };
+    if format == Format::Latents {
+        return latent_data_plan(config, d);
+    }
     let pick = |train: bool| match d.transform {
         TransformName::Auto => crate::data::default_transform(format, train),
         TransformName::Mnist => Transform::mnist(),
@@ -1097,6 +1111,47 @@ fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {
         root: PathBuf::from(&d.root),
         train_transform,
         test_transform: pick(false),
+        ..data_common(d)
+    })
+}
+
+/// A latent dataset's plan: its transform from its index (the train part's;
+/// the test part must agree when it is opened).
+fn latent_data_plan(config: &LoadedConfig, d: &DataSection) -> Result<DataPlan, ConfigError> {
+    if d.transform != TransformName::Auto {
+        return Err(config.key_error(
+            "data.transform",
+            format!(
+                "{:?}: a latent dataset draws its latents as encoded; use \"auto\"",
+                d.transform.as_str()
+            ),
+        ));
+    }
+    let root = PathBuf::from(&d.root);
+    let index = crate::data::latents::read_index(&root.join("train"))
+        .map_err(|e| config.key_error("data.root", e.to_string()))?;
+    let t = Transform::latent(
+        index.latent_channels,
+        index.latent_side,
+        index.scaling_factor,
+    );
+    Ok(DataPlan {
+        format: Format::Latents,
+        root,
+        train_transform: t.clone(),
+        test_transform: t,
+        ..data_common(d)
+    })
+}
+
+/// The settings every data plan shares (format, root and transforms are
+/// the caller's).
+fn data_common(d: &DataSection) -> DataPlan {
+    DataPlan {
+        format: Format::Mnist,
+        root: PathBuf::new(),
+        train_transform: Transform::mnist(),
+        test_transform: Transform::mnist(),
         workers: d.workers as usize,
         prefetch: d.prefetch as usize,
         on_corrupt: match d.on_corrupt {
@@ -1106,7 +1161,7 @@ fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {
         split: (!d.split.trim().is_empty()).then(|| PathBuf::from(&d.split)),
         train_limit: (d.train_limit > 0).then_some(d.train_limit as usize),
         test_limit: (d.test_limit > 0).then_some(d.test_limit as usize),
-    })
+    }
 }
 
 /// The first item that appears a second time.

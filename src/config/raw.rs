@@ -65,6 +65,8 @@ pub struct RawConfig {
     pub sa: SaSection,
     pub eval: EvalSection,
     pub sample: SampleSection,
+    pub vae: VaeSection,
+    pub encode: EncodeSection,
     pub study: StudySection,
 }
 
@@ -222,6 +224,8 @@ string_enum! {
         Cifar100 => "cifar100",
         ImageFolder => "imagefolder",
         Tar => "tar",
+        /// A folder of VAE latents made by `sfron encode`.
+        Latents => "latents",
     }
 }
 
@@ -779,6 +783,59 @@ string_enum! {
 
 /// `sfron sample` (defaults: the release's `sample.py` and
 /// `cifar10_sample.yml`).
+/// The VAE of a latent diffusion model (`AutoencoderKL`'s shape; defaults:
+/// `stabilityai/sd-vae-ft-ema`, whose weights are the user's export,
+/// `crate::model::vae::EXPORT_HINT`). Its image channels are the data's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaeSection {
+    pub block_out: Vec<i64>,
+    pub layers_per_block: i64,
+    pub latent_channels: i64,
+    pub groups: i64,
+    pub scaling_factor: f64,
+}
+
+impl Default for VaeSection {
+    fn default() -> Self {
+        VaeSection {
+            block_out: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            groups: 32,
+            scaling_factor: 0.18215,
+        }
+    }
+}
+
+/// `sfron encode`: a dataset's images to a latent dataset, once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncodeSection {
+    /// The VAE weights (safetensors, diffusers' names).
+    pub vae: String,
+    /// The latent dataset's folder (`train/` and `test/` under it).
+    pub out: String,
+    /// The side of ADM's centre crop (DiT's `--image-size`: 256 or 512).
+    pub image_size: u64,
+    /// Samples per shard file.
+    pub shard_size: u64,
+    /// Images per VAE forward pass.
+    pub batch: u64,
+}
+
+impl Default for EncodeSection {
+    fn default() -> Self {
+        EncodeSection {
+            vae: String::new(),
+            out: String::new(),
+            image_size: 256,
+            shard_size: 1024,
+            batch: 32,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SampleSection {

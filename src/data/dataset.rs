@@ -37,11 +37,19 @@ pub enum Format {
     Cifar100,
     ImageFolder,
     Tar,
+    /// A folder `sfron encode` wrote ([`super::latents`]).
+    Latents,
 }
 
 impl Format {
-    pub const NAMES: &'static [&'static str] =
-        &["mnist", "cifar10", "cifar100", "imagefolder", "tar"];
+    pub const NAMES: &'static [&'static str] = &[
+        "mnist",
+        "cifar10",
+        "cifar100",
+        "imagefolder",
+        "tar",
+        "latents",
+    ];
 
     pub fn name(self) -> &'static str {
         Format::NAMES[self as usize]
@@ -77,6 +85,14 @@ enum Store {
     Tar {
         shards: Vec<PathBuf>,
         members: Vec<TarMember>,
+    },
+    /// VAE moments in `sfron encode`'s shards; `channels` = 4 L floats of
+    /// `side × side` per sample.
+    Latents {
+        shards: Vec<PathBuf>,
+        members: Vec<super::latents::Member>,
+        channels: usize,
+        side: usize,
     },
 }
 
@@ -124,6 +140,7 @@ impl Dataset {
             Format::Cifar100 => open_cifar(root, part, true)?,
             Format::ImageFolder => open_image_folder(root, part)?,
             Format::Tar => open_tar(root, part)?,
+            Format::Latents => open_latents(root, part)?,
         };
         if ds.labels.is_empty() {
             return Err(DataError::file(
@@ -156,6 +173,7 @@ impl Dataset {
             } => pixels.truncate(n * *width * *height * *channels),
             Store::Files(files) => files.truncate(n),
             Store::Tar { members, .. } => members.truncate(n),
+            Store::Latents { members, .. } => members.truncate(n),
         }
         self.fingerprint = format!("{}+first{n}", self.fingerprint);
     }
@@ -183,6 +201,14 @@ impl Dataset {
                     shards[members[i].shard].display()
                 )
             }
+            Store::Latents {
+                shards, members, ..
+            } => format!(
+                "{} ({}) in {}",
+                i,
+                self.ids[i],
+                shards[members[i].shard].display()
+            ),
         }
     }
 
@@ -211,8 +237,55 @@ impl Dataset {
                     .and_then(|f| f.read_exact_at(&mut bytes, m.offset));
                 self.decode_bytes(i, read.map(|()| bytes))
             }
+            Store::Latents {
+                shards,
+                members,
+                channels,
+                side,
+            } => {
+                let floats = channels * side * side;
+                let data =
+                    super::latents::read_member(shards, &members[i], floats).map_err(|e| {
+                        DataError::Corrupt {
+                            sample: self.describe(i),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                Ok(Image {
+                    width: *side,
+                    height: *side,
+                    channels: *channels,
+                    data,
+                })
+            }
         }
     }
+}
+
+/// A latent dataset ([`super::latents`]): `root/train` or `root/test`.
+fn open_latents(root: &Path, part: Part) -> Result<Dataset, DataError> {
+    let super::latents::Opened {
+        index,
+        shards,
+        members,
+        labels,
+        ids,
+    } = super::latents::open(&root.join(super::latents::part_dir(part)))?;
+    Ok(Dataset {
+        format: Format::Latents,
+        part,
+        root: root.to_path_buf(),
+        classes: index.classes.clone(),
+        labels,
+        ids,
+        fingerprint: index.fingerprint(),
+        store: Store::Latents {
+            shards,
+            members,
+            channels: 4 * index.latent_channels,
+            side: index.latent_side,
+        },
+    })
 }
 
 impl Dataset {

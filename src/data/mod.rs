@@ -13,6 +13,7 @@
 //! arguments of the sampler.
 
 pub mod dataset;
+pub mod latents;
 pub mod loader;
 pub mod manifest;
 pub mod sampler;
@@ -49,9 +50,12 @@ impl DataError {
     }
 }
 
-/// The transform a format gets by default (`data.transform = "auto"`).
+/// The transform a format gets by default (`data.transform = "auto"`); a
+/// latent dataset's comes from its index ([`latents::LatentIndex`]), read
+/// when the configuration is planned.
 pub fn default_transform(format: Format, train: bool) -> Transform {
     match format {
+        Format::Latents => unreachable!("a latent dataset's transform comes from its index"),
         Format::Mnist => Transform::mnist(),
         Format::Cifar10 => Transform::cifar(train, false),
         Format::Cifar100 => Transform::cifar(train, true),

@@ -46,6 +46,47 @@ pub enum Recipe {
     RandomResizedCrop { size: usize },
     /// Resize the shorter side to `resize`, centre crop `crop`.
     ResizeCenterCrop { resize: usize, crop: usize },
+    /// A latent dataset's sample ([`super::latents`]: both mirrors'
+    /// posterior moments, float32 bytes): a random mirror (the released
+    /// `RandomHorizontalFlip`, before the encoder), then a posterior draw
+    /// `mean + exp(clamp(logvar, −30, 20) / 2) ε` times `scaling` (DiT's
+    /// `vae.encode(x).latent_dist.sample().mul_(0.18215)`).
+    Latent { scaling: f64 },
+}
+
+/// A posterior draw of a latent sample (see [`Recipe::Latent`]): `img`
+/// holds `4 c` planes of `h × w` float32 (little-endian): the mean and
+/// log-variance of the image, then of its mirror.
+fn latent_draw(
+    img: &Image,
+    [c, h, w]: [usize; 3],
+    scaling: f64,
+    rng: &mut Rng,
+    out: &mut [f32],
+) -> Result<(), String> {
+    let plane = h * w;
+    if (img.channels, img.height, img.width) != (4 * c, h, w) || img.data.len() != 16 * c * plane {
+        return Err(format!(
+            "holds {} planes of {}x{}, the latent transform expects {} of {h}x{w}",
+            img.channels,
+            img.height,
+            img.width,
+            4 * c
+        ));
+    }
+    let mirror = usize::from(rng.chance(0.5));
+    let at = |k: usize| {
+        let b = &img.data[4 * k..4 * k + 4];
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    };
+    let base = mirror * 2 * c * plane;
+    for (i, o) in out.iter_mut().enumerate() {
+        let mean = at(base + i);
+        let logvar = at(base + c * plane + i).clamp(-30.0, 20.0);
+        let eps = rng.normal() as f32;
+        *o = ((mean + (0.5 * logvar).exp() * eps) as f64 * scaling) as f32;
+    }
+    Ok(())
 }
 
 /// A recipe plus the normalisation and output shape it produces.
@@ -131,6 +172,16 @@ impl Transform {
         }
     }
 
+    /// A latent dataset's draws: `L` channels of `side × side`, scaled.
+    pub fn latent(channels: usize, side: usize, scaling: f64) -> Self {
+        Transform {
+            recipe: Recipe::Latent { scaling },
+            mean: vec![0.0; channels],
+            std: vec![1.0; channels],
+            shape: [channels, side, side],
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -144,6 +195,9 @@ impl Transform {
         out: &mut [f32],
     ) -> Result<(), String> {
         let [c, h, w] = self.shape;
+        if let Recipe::Latent { scaling } = self.recipe {
+            return latent_draw(img, [c, h, w], scaling, rng, out);
+        }
         if img.channels != c {
             return Err(format!(
                 "has {} channel(s), the transform expects {c}",
@@ -186,6 +240,7 @@ impl Transform {
                 let left = ((rw - crop) as f64 / 2.0).round_ties_even() as usize;
                 self.normalize(&resized, rw, top, left, false, out);
             }
+            Recipe::Latent { .. } => unreachable!("drawn above"),
         }
         Ok(())
     }
@@ -319,4 +374,170 @@ pub fn resize_crop(
         .resize(&src, &mut dst, &options)
         .map_err(|e| e.to_string())?;
     Ok(dst.into_vec())
+}
+
+/// ADM's `center_crop_arr` (guided-diffusion's `image_datasets.py`, which
+/// DiT's training and the SFR-on DiT release apply before the VAE): while
+/// the shorter side is at least `2 size`, halve both sides (integer
+/// division) with PIL's BOX filter; then scale by `size / shorter side`
+/// (sides rounded half to even, as Python's `round`) with PIL's BICUBIC;
+/// then the centre `size × size` (offsets `(side − size) // 2`). The
+/// resizes are Pillow's own arithmetic ([`pil_resize`]), so the crop is
+/// PIL's to the bit.
+pub fn adm_center_crop(img: &Image, size: usize) -> Result<Image, String> {
+    if img.width == 0 || img.height == 0 || size == 0 {
+        return Err(format!("is {}x{}, nothing to crop", img.width, img.height));
+    }
+    let mut cur = img.clone();
+    while cur.width.min(cur.height) >= 2 * size {
+        cur = pil_resize(&cur, cur.width / 2, cur.height / 2, PilFilter::Box);
+    }
+    let scale = size as f64 / cur.width.min(cur.height) as f64;
+    let (w, h) = (
+        (cur.width as f64 * scale).round_ties_even() as usize,
+        (cur.height as f64 * scale).round_ties_even() as usize,
+    );
+    let resized = pil_resize(&cur, w, h, PilFilter::Bicubic);
+    if w < size || h < size {
+        return Err(format!("resized to {w}x{h}, smaller than the {size} crop"));
+    }
+    let (top, left, c) = ((h - size) / 2, (w - size) / 2, cur.channels);
+    let mut data = Vec::with_capacity(size * size * c);
+    for y in top..top + size {
+        let row = (y * w + left) * c;
+        data.extend_from_slice(&resized.data[row..row + size * c]);
+    }
+    Ok(Image {
+        width: size,
+        height: size,
+        channels: c,
+        data,
+    })
+}
+
+/// Pillow's resampling filters used by [`adm_center_crop`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PilFilter {
+    /// `Image.BOX`: support 0.5.
+    Box,
+    /// `Image.BICUBIC`: the cubic convolution with a = −0.5, support 2.
+    Bicubic,
+}
+
+impl PilFilter {
+    fn support(self) -> f64 {
+        match self {
+            PilFilter::Box => 0.5,
+            PilFilter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            PilFilter::Box => {
+                if x > -0.5 && x <= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            PilFilter::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// Pillow's fixed-point precision of 8-bit resampling (`PRECISION_BITS`).
+const PIL_PRECISION: u32 = 32 - 8 - 2;
+
+/// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` for one axis:
+/// per output position, the first input index and the fixed-point weights.
+fn pil_coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(usize, Vec<i64>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C's (int) truncates toward zero; both bounds are clamped as there.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let weights: Vec<f64> = (xmin..xmax.max(xmin))
+                .map(|x| filter.weight((x as f64 - center + 0.5) * ss))
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let fixed = weights
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    let v = w * (1u64 << PIL_PRECISION) as f64;
+                    (if w < 0.0 { v - 0.5 } else { v + 0.5 }) as i64
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+/// Pillow's `clip8`: the accumulator's integer part, clamped to 0..=255.
+fn pil_clip8(acc: i64) -> u8 {
+    (acc >> PIL_PRECISION).clamp(0, 255) as u8
+}
+
+/// `Image.resize((out_w, out_h), filter)` on 8-bit data as Pillow computes
+/// it (`ImagingResample`): a horizontal pass when the width changes, then a
+/// vertical pass when the height changes, each rounding to 8 bits.
+pub fn pil_resize(img: &Image, out_w: usize, out_h: usize, filter: PilFilter) -> Image {
+    let c = img.channels;
+    let (mut w, h) = (img.width, img.height);
+    let mut data = img.data.clone();
+    if out_w != w {
+        let coeffs = pil_coefficients(w, out_w, filter);
+        let mut out = vec![0u8; out_w * h * c];
+        for y in 0..h {
+            for (xx, (xmin, k)) in coeffs.iter().enumerate() {
+                for ch in 0..c {
+                    let mut acc: i64 = 1 << (PIL_PRECISION - 1);
+                    for (j, &kj) in k.iter().enumerate() {
+                        acc += i64::from(data[(y * w + xmin + j) * c + ch]) * kj;
+                    }
+                    out[(y * out_w + xx) * c + ch] = pil_clip8(acc);
+                }
+            }
+        }
+        data = out;
+        w = out_w;
+    }
+    if out_h != h {
+        let coeffs = pil_coefficients(h, out_h, filter);
+        let mut out = vec![0u8; w * out_h * c];
+        for (yy, (ymin, k)) in coeffs.iter().enumerate() {
+            for x in 0..w {
+                for ch in 0..c {
+                    let mut acc: i64 = 1 << (PIL_PRECISION - 1);
+                    for (j, &kj) in k.iter().enumerate() {
+                        acc += i64::from(data[((ymin + j) * w + x) * c + ch]) * kj;
+                    }
+                    out[(yy * w + x) * c + ch] = pil_clip8(acc);
+                }
+            }
+        }
+        data = out;
+    }
+    Image {
+        width: w,
+        height: out_h,
+        channels: c,
+        data,
+    }
 }

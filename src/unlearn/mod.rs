@@ -539,6 +539,13 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
                 .join(", ")
         );
     }
+    if u.method == UnlearnMethod::Sa && plan.data.format == crate::data::Format::Latents {
+        bail!(
+            "unlearn.method = \"sa\" replays generated images as training data; on a latent \
+             dataset (data.format = \"latents\") they would have to stay latents, which SA does \
+             not do yet: use sfron, ga, ft, rl or salun"
+        );
+    }
     if plan.model.arch.task() == Task::Classify && u.method == UnlearnMethod::Sa {
         bail!(
             "unlearn.method = \"sa\" (Selective Amnesia) replays images the model generates: \

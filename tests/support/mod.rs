@@ -306,3 +306,25 @@ pub fn assert_refused(
         "{name}: a run folder was left behind"
     );
 }
+
+/// A small VAE (1 image channel, widths 16/32, one block per level, 4
+/// latent channels, 8 groups, scaling 0.5) with libtorch's initialisation
+/// under `seed`, saved to `path`; its spec.
+#[allow(dead_code)]
+pub fn write_small_vae(path: &std::path::Path, seed: i64) -> sfron::model::vae::VaeSpec {
+    let spec = sfron::model::vae::VaeSpec {
+        in_channels: 1,
+        out_channels: 1,
+        block_out: vec![16, 32],
+        layers_per_block: 1,
+        latent_channels: 4,
+        groups: 8,
+        scaling_factor: 0.5,
+    };
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _net = sfron::model::vae::SdVae::new(&vs.root(), &spec);
+    let state: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    sfron::model::weights::save(path, &state, &Default::default()).unwrap();
+    spec
+}
