@@ -189,8 +189,10 @@ pub enum Command {
     /// (torch.save of their CIFAR ResNet-18's state_dict, or a dict holding
     /// it under "state_dict") to sfron's safetensors: `shortcut` becomes
     /// `downsample`, `linear` becomes `fc`. The model is `model.arch`
-    /// (resnet18_cifar, or ddpm_unet for the DDPM release's ckpt.pth, with
-    /// --ema for its EMA weights); nothing is written unless every tensor fits.
+    /// (resnet18_cifar; ddpm_unet for the DDPM release's ckpt.pth, with
+    /// --ema for its EMA weights; dit for DiT-XL-2-256x256.pt or a DiT
+    /// train.py checkpoint, its shape read from the file but for
+    /// model.dit.heads); nothing is written unless every tensor fits.
     Convert(ConvertArgs),
     /// Measure a part of sfron (rates, printed as JSON lines).
     #[command(subcommand)]
@@ -503,8 +505,8 @@ pub struct ConvertArgs {
     /// Where to write the safetensors weights.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
-    /// A DDPM checkpoint's EMA weights (the last state_dict of its list)
-    /// instead of its model's.
+    /// The EMA weights instead of the model's: a DDPM checkpoint's (the
+    /// last state_dict of its list) or a DiT train.py checkpoint's ("ema").
     #[arg(long)]
     pub ema: bool,
 }

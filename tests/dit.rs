@@ -455,3 +455,65 @@ fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
         support::assert_refused(&dir, name, &sets, &["train"], needle);
     }
 }
+
+/// `sfron convert` of DiT checkpoints as the reference writes them: the
+/// public file's plain state_dict, and train.py's `{"model", "ema", "opt",
+/// "args"}` (its model, and with --ema its EMA); the shape is read from the
+/// file (here 8 × 8 latents, whatever the configured data), the heads from
+/// `[model.dit]`; every tensor equal to the reference's. Heads that do not
+/// divide the width are refused naming the file.
+#[test]
+fn convert_reads_dit_checkpoints_and_their_ema() {
+    let spec = &specs()[0];
+    let dir = temp_dir("dit-convert");
+    let json = spec_json(spec);
+    support::run_python(
+        REFERENCE,
+        &["make".as_ref(), dir.as_os_str(), json.as_ref()],
+    );
+    let mnist = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
+    let sets = |name: &str, heads: i64| {
+        vec![
+            format!("run.root={}", dir.join("runs").display()),
+            format!("run.name={name}"),
+            format!("data.root={mnist}"),
+            "data.transform=diffusion".into(),
+            "model.arch=dit".into(),
+            "model.dit.name=DiT-S/2".into(),
+            format!("model.dit.heads={heads}"),
+            "log.level=warn".into(),
+        ]
+    };
+    for (name, file, ema, expected) in [
+        ("public", "dit.pt", false, "dit.safetensors"),
+        ("train-model", "dit-train.pt", false, "dit.safetensors"),
+        ("train-ema", "dit-train.pt", true, "dit.ema.safetensors"),
+    ] {
+        let out = dir.join(format!("{name}.safetensors"));
+        let checkpoint = dir.join(file).display().to_string();
+        let out_s = out.display().to_string();
+        let mut args = vec!["convert", checkpoint.as_str(), "--out", out_s.as_str()];
+        if ema {
+            args.push("--ema");
+        }
+        let o = support::sfron(&sets(name, spec.heads), &args);
+        assert!(o.status.success(), "{name}: {}", support::text(&o));
+        assert!(
+            support::same_bits(&out, &dir.join(expected)),
+            "{name}: the converted tensors differ from {expected}"
+        );
+    }
+    let o = support::sfron(
+        &sets("bad-heads", 3),
+        &[
+            "convert",
+            dir.join("dit.pt").to_str().unwrap(),
+            "--out",
+            dir.join("bad.safetensors").to_str().unwrap(),
+        ],
+    );
+    let text = support::text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(text.contains("dit.pt") && text.contains("heads"), "{text}");
+    assert!(!dir.join("bad.safetensors").exists());
+}

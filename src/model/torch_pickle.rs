@@ -303,6 +303,9 @@ pub enum Pick {
     Model,
     /// The last dict of such a list: the release's EMA weights.
     ListLast,
+    /// The dict under "ema" (DiT's `train.py` checkpoints: `{"model",
+    /// "ema", "opt", "args"}`).
+    DictEma,
 }
 
 /// The entries of the dict a checkpoint holds: the state_dict itself, or the
@@ -313,13 +316,25 @@ fn state_dict(value: Value, pick: Pick) -> Result<Vec<(Value, Value)>, String> {
             let mut dicts = items.into_iter().filter(|v| matches!(v, Value::Dict(_)));
             let dict = match pick {
                 Pick::Model => dicts.next(),
-                Pick::ListLast => dicts.next_back(),
+                Pick::ListLast | Pick::DictEma => dicts.next_back(),
             };
             dict.ok_or("the file holds a list without a dict (expected a state_dict)")?
         }
-        _ if pick == Pick::ListLast => {
+        Value::Dict(entries) if pick == Pick::DictEma => {
+            return entries
+                .into_iter()
+                .find_map(|(k, v)| match (k, v) {
+                    (Value::Str(k), Value::Dict(d)) if k == "ema" => Some(d),
+                    _ => None,
+                })
+                .ok_or_else(|| {
+                    "the file holds no \"ema\" state_dict (a training checkpoint's)".into()
+                });
+        }
+        _ if pick != Pick::Model => {
             return Err(
-                "the file holds no list of state_dicts, so no EMA weights after the model's".into(),
+                "the file holds neither a list of state_dicts nor a dict with \"ema\": no EMA weights"
+                    .into(),
             );
         }
         other => other,

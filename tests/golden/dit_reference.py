@@ -27,6 +27,7 @@ softmax(q k^T) v; no q/k norm, no dropout).
                       and "x" for the input's.
 """
 
+import argparse
 import json
 import math
 import sys
@@ -329,6 +330,16 @@ def make(out, s):
     save_file({"x": x, "t": t, "y": y, "drop": drop, "out": out_.detach(), "cfg_y": cfg_y, "cfg": cfg,
                "pos_xl": pos_xl}, f"{out}/dit.io.safetensors")
     save_file({k: v.contiguous() for k, v in grads.items()}, f"{out}/dit.grad.safetensors")
+    # Checkpoints as the reference writes them: the public file (a plain
+    # state_dict) and train.py's {"model", "ema", "opt", "args"} (the EMA
+    # here every tensor plus 1, so the two can be told apart).
+    state = model.state_dict()
+    torch.save(state, f"{out}/dit.pt")
+    ema = {k: v + 1 for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in ema.items()}, f"{out}/dit.ema.safetensors")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    torch.save({"model": state, "ema": ema, "opt": opt.state_dict(),
+                "args": argparse.Namespace(model="DiT-S/2", image_size=256)}, f"{out}/dit-train.pt")
     print(json.dumps({"parameters": sum(p.numel() for p in model.parameters()),
                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
 
