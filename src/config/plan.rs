@@ -1128,13 +1128,26 @@ fn latent_data_plan(config: &LoadedConfig, d: &DataSection) -> Result<DataPlan, 
         ));
     }
     let root = PathBuf::from(&d.root);
-    let index = crate::data::latents::read_index(&root.join("train"))
-        .map_err(|e| config.key_error("data.root", e.to_string()))?;
-    let t = Transform::latent(
-        index.latent_channels,
-        index.latent_side,
-        index.scaling_factor,
-    );
+    // The index's shape once `sfron encode` has run; before (a dry run, a
+    // convert, the encode itself), the one [vae] and [encode] would give.
+    // Opening the data names the missing index.
+    let t = match crate::data::latents::read_index(&root.join("train")) {
+        Ok(index) => Transform::latent(
+            index.latent_channels,
+            index.latent_side,
+            index.scaling_factor,
+        ),
+        Err(_) => {
+            let v = &config.raw.vae;
+            let levels = v.block_out.len().max(1) as u32;
+            let side = config.raw.encode.image_size as usize >> (levels - 1);
+            Transform::latent(
+                v.latent_channels.max(1) as usize,
+                side.max(1),
+                v.scaling_factor,
+            )
+        }
+    };
     Ok(DataPlan {
         format: Format::Latents,
         root,
