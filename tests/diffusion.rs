@@ -454,24 +454,9 @@ fn bad_diffusion_input_exits_2_naming_it_and_writes_nothing() {
 #[test]
 fn a_diffusion_study_reports_every_model_against_retrain_and_reruns_from_its_stages() {
     let dir = temp_dir("ddpm-study");
-    let mnist = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
-    let common = |name: &str| {
-        vec![
-            format!("run.root={}", dir.join("runs").display()),
-            format!("run.name={name}"),
-            format!("data.root={mnist}"),
-            "data.train_limit=300".into(),
-            "data.workers=0".into(),
-            format!("device.threads={}", support::threads()),
-            "log.level=warn".into(),
-        ]
-    };
+    let common = |name: &str| support::digit_sets(&dir, name, 300);
     // The judge: a digit classifier trained for a few steps.
-    let mut sets = common("judge");
-    sets.extend(["model.arch=mnist_cnn".into(), "train.max_steps=20".into()]);
-    let o = support::sfron(&sets, &["train"]);
-    assert!(o.status.success(), "{}", support::text(&o));
-    let judge = dir.join("runs/judge/model.safetensors");
+    let judge = support::train_digit_judge(&dir, 300, 20);
     let mut sets = common("study");
     sets.extend([
         "model.arch=ddpm_unet".to_string(),

@@ -517,3 +517,62 @@ fn convert_reads_dit_checkpoints_and_their_ema() {
     assert!(text.contains("dit.pt") && text.contains("heads"), "{text}");
     assert!(!dir.join("bad.safetensors").exists());
 }
+
+/// A diffusion study of a small DiT (ADM's process) with `study.judge_raw`:
+/// every model with an EMA is judged on its EMA and on its raw weights,
+/// the report has both rows and says which is which.
+#[test]
+fn a_dit_study_reports_ema_and_raw_rows() {
+    let dir = temp_dir("dit-study");
+    let common = |name: &str| support::digit_sets(&dir, name, 200);
+    // The judge: a digit classifier trained for a few steps.
+    let judge = support::train_digit_judge(&dir, 200, 10);
+    let mut sets = common("study");
+    sets.extend([
+        "model.arch=dit".to_string(),
+        "model.dit.name=DiT-S/4".into(),
+        "model.dit.depth=1".into(),
+        "model.dit.hidden=32".into(),
+        "model.dit.heads=2".into(),
+        "data.transform=diffusion".into(),
+        "diffusion.ema_decay=0.9".into(),
+        "diffusion.unlearn_ema_decay=0.9".into(),
+        "train.batch=32".into(),
+        "train.max_steps=4".into(),
+        "unlearn.batch=16".into(),
+        "unlearn.forget_batch=8".into(),
+        "sfron.iterations=3".into(),
+        "sfron.fisher_batch=16".into(),
+        "sfron.fisher_remain_batches=1".into(),
+        "sample.steps=3".into(),
+        "sample.per_class=2".into(),
+        "sample.grid=2".into(),
+        "study.scenario=class:3".into(),
+        "study.methods=[\"sfron\"]".into(),
+        "study.judge_raw=true".into(),
+        format!("eval.classifier={}", judge.display()),
+    ]);
+    let o = support::sfron(&sets, &["study"]);
+    let text = support::text(&o);
+    assert!(o.status.success(), "{text}");
+    let root = dir.join("runs/study");
+    let md = std::fs::read_to_string(root.join("report.md")).unwrap();
+    for needle in [
+        "| Original |",
+        "| Retrain |",
+        "| SFR-on |",
+        "| SFR-on (raw) |",
+        "| Retrain (raw) |",
+        "rows marked (raw) sample the same run's raw weights",
+    ] {
+        assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
+    }
+    for name in ["sfron", "sfron-raw"] {
+        let e: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join(format!("seed-0/eval/{name}/eval.json"))).unwrap(),
+        )
+        .unwrap();
+        let want = if name.ends_with("raw") { "raw" } else { "ema" };
+        assert_eq!(e["weights"], want, "{name}");
+    }
+}

@@ -891,6 +891,11 @@ pub struct StudySection {
     /// A diffusion study judges each SFR-on snapshot on this many images
     /// per class (0 = `sample.per_class`).
     pub snapshot_per_class: u64,
+    /// A diffusion study with `sample.weights = "ema"` also judges each
+    /// model's raw weights, as rows "(raw)" beside the EMA's (an EMA at
+    /// 0.9999 still holds most of the original after a few hundred
+    /// forgetting steps, so its samples can hide the forgetting).
+    pub judge_raw: bool,
 }
 
 impl Default for StudySection {
@@ -906,6 +911,7 @@ impl Default for StudySection {
                 .collect(),
             original: String::new(),
             snapshot_per_class: 0,
+            judge_raw: false,
         }
     }
 }

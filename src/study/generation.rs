@@ -41,6 +41,18 @@ pub struct Judged {
     pub cost: Option<(u64, f64)>,
 }
 
+/// The suffix of a model's name for the judgement of its raw weights
+/// (`study.judge_raw`).
+pub const RAW_SUFFIX: &str = "-raw";
+
+/// A row's name: the method's, "(raw)" for its raw weights.
+fn shown(name: &str) -> String {
+    match name.strip_suffix(RAW_SUFFIX) {
+        Some(base) => format!("{} (raw)", display_name(base)),
+        None => display_name(name).to_string(),
+    }
+}
+
 /// SFR-on's path: each snapshot's iteration and judgement.
 pub type Snapshots = Vec<(u64, GenerationEval)>;
 
@@ -136,21 +148,32 @@ pub fn judge_seed(
     models: &[(String, PathBuf)],
 ) -> Result<Option<(Vec<Judged>, Snapshots)>> {
     let mut judged = Vec::new();
+    let ema = plan.sample.weights == crate::config::raw::SampleWeights::Ema;
+    let mut raw_sets = common.to_vec();
+    raw_sets.push("sample.weights=raw".into());
     for (name, model) in models {
-        let p = stage_plan(comm, layers, &seed_root.join("eval"), name, common)?;
-        if let Some(eval) = stage(comm, &p, device, &target(model))? {
-            judged.push(Judged {
-                name: name.clone(),
-                eval,
-                dir: p.run_dir.clone(),
-                cost: model.parent().and_then(cost),
-            });
+        let target = target(model);
+        // The model's EMA (or only) weights, then with study.judge_raw its
+        // raw weights beside an EMA.
+        let mut passes = vec![(name.clone(), common)];
+        if plan.study.judge_raw && ema && target.is_dir() {
+            passes.push((format!("{name}{RAW_SUFFIX}"), &raw_sets));
+        }
+        for (stage_name, sets) in passes {
+            let p = stage_plan(comm, layers, &seed_root.join("eval"), &stage_name, sets)?;
+            if let Some(eval) = stage(comm, &p, device, &target)? {
+                judged.push(Judged {
+                    name: stage_name,
+                    eval,
+                    dir: p.run_dir.clone(),
+                    cost: model.parent().and_then(cost),
+                });
+            }
         }
     }
     // The forgetting's path: each SFR-on snapshot, judged alike.
     let mut path = Vec::new();
     let snapshots = seed_root.join("sfron").join("snapshots");
-    let ema = plan.sample.weights == crate::config::raw::SampleWeights::Ema;
     let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(&snapshots)
         .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
         .unwrap_or_default()
@@ -206,10 +229,17 @@ pub fn write(root: &Path, plan: &RunPlan, per_seed: &[Seed]) -> Result<String> {
         .map(|(_, j, _)| j.iter().map(|e| e.name.clone()).collect())
         .unwrap_or_default();
     let seeds = per_seed.len();
-    let retrain = |seed_judged: &[Judged]| {
+    // A raw row's reference is Retrain's raw weights when judged, else its EMA.
+    let retrain = |seed_judged: &[Judged], name: &str| {
+        let raw = format!("retrain{RAW_SUFFIX}");
+        let wanted = if name.ends_with(RAW_SUFFIX) && seed_judged.iter().any(|j| j.name == raw) {
+            raw.as_str()
+        } else {
+            "retrain"
+        };
         seed_judged
             .iter()
-            .find(|j| j.name == "retrain")
+            .find(|j| j.name == wanted)
             .map(|j| j.eval.clone())
     };
     type Get = fn(&GenerationEval) -> Option<f64>;
@@ -246,9 +276,13 @@ pub fn write(root: &Path, plan: &RunPlan, per_seed: &[Seed]) -> Result<String> {
     for name in &names {
         let found: Vec<(&Judged, Option<GenerationEval>)> = per_seed
             .iter()
-            .filter_map(|(_, j, _)| j.iter().find(|e| &e.name == name).map(|e| (e, retrain(j))))
+            .filter_map(|(_, j, _)| {
+                j.iter()
+                    .find(|e| &e.name == name)
+                    .map(|e| (e, retrain(j, name)))
+            })
             .collect();
-        let mut line = format!("| {} |", display_name(name));
+        let mut line = format!("| {} |", shown(name));
         let mut row = json!({"name": name});
         for (_, key, get, digits) in &columns {
             let v = mean_std(&found.iter().map(|(j, _)| get(&j.eval)).collect::<Vec<_>>());
@@ -298,7 +332,7 @@ pub fn write(root: &Path, plan: &RunPlan, per_seed: &[Seed]) -> Result<String> {
     if let Some(e) = about {
         md += &format!(
             "Forget class {}; {} seed(s). Each model generates {} images per class ({} sampler, \
-             {} steps, guidance {}; its **{}** weights where the run kept an EMA). Forget \
+             {} steps, guidance {}; its **{}** weights where the run kept an EMA{}). Forget \
              accuracy: the share of generated class-{} images that the classifier `{}` calls \
              {}. Remaining accuracy: the same for the other classes. FID: in that classifier's \
              penultimate features, {} generated remaining-class images against all {} real \
@@ -310,6 +344,11 @@ pub fn write(root: &Path, plan: &RunPlan, per_seed: &[Seed]) -> Result<String> {
             e.sampler["steps"],
             e.sampler["guidance"],
             plan.sample.weights.as_str(),
+            if names.iter().any(|n| n.ends_with(RAW_SUFFIX)) {
+                "; rows marked (raw) sample the same run's raw weights"
+            } else {
+                ""
+            },
             e.forget_class,
             e.classifier,
             e.forget_class,
@@ -325,11 +364,11 @@ pub fn write(root: &Path, plan: &RunPlan, per_seed: &[Seed]) -> Result<String> {
         let rel = j.dir.strip_prefix(root).unwrap_or(&j.dir).join(GRID_FILE);
         md += &format!(
             "**{}** (FA {:.1}%, FID {:.1}, {} weights)\n\n![{}]({})\n\n",
-            display_name(&j.name),
+            shown(&j.name),
             j.eval.forget_acc,
             j.eval.fid_classifier,
             j.eval.weights,
-            display_name(&j.name),
+            shown(&j.name),
             rel.display()
         );
     }
@@ -341,7 +380,7 @@ pub fn write(root: &Path, plan: &RunPlan, per_seed: &[Seed]) -> Result<String> {
             .iter()
             .map(|(n, e)| (*n as f64, e.forget_acc, e.fid_classifier))
             .collect();
-        let reference = retrain(first).map(|r| (r.forget_acc, r.fid_classifier));
+        let reference = retrain(first, "sfron").map(|r| (r.forget_acc, r.fid_classifier));
         plots::snapshot_curves(&file, &points, reference)
             .map_err(|e| anyhow::anyhow!("drawing {}: {e}", file.display()))?;
         md += &format!(

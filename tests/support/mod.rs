@@ -328,3 +328,33 @@ pub fn write_small_vae(path: &std::path::Path, seed: i64) -> sfron::model::vae::
     sfron::model::weights::save(path, &state, &Default::default()).unwrap();
     spec
 }
+
+/// The `--set`s of a run named `name` under `dir/runs` on the first
+/// `limit` shipped digits, quiet, with the test threads.
+#[allow(dead_code)]
+pub fn digit_sets(dir: &std::path::Path, name: &str, limit: u64) -> Vec<String> {
+    let mnist = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
+    vec![
+        format!("run.root={}", dir.join("runs").display()),
+        format!("run.name={name}"),
+        format!("data.root={mnist}"),
+        format!("data.train_limit={limit}"),
+        "data.workers=0".into(),
+        format!("device.threads={}", threads()),
+        "log.level=warn".into(),
+    ]
+}
+
+/// A digit classifier trained for `steps` steps as `dir/runs/judge` (the
+/// judge of generated digits); its weights file.
+#[allow(dead_code)]
+pub fn train_digit_judge(dir: &std::path::Path, limit: u64, steps: u64) -> std::path::PathBuf {
+    let mut sets = digit_sets(dir, "judge", limit);
+    sets.extend([
+        "model.arch=mnist_cnn".into(),
+        format!("train.max_steps={steps}"),
+    ]);
+    let o = sfron(&sets, &["train"]);
+    assert!(o.status.success(), "{}", text(&o));
+    dir.join("runs/judge/model.safetensors")
+}
