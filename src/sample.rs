@@ -12,6 +12,9 @@
 //!   [−1, 1] mapped to 0..255 as the release's `torch2hwcuint8` and
 //!   `save_image` do: `round(255 · clamp((x + 1)/2, 0, 1))`), `labels`
 //!   int64 `[N]`, and in its metadata which weights were sampled;
+//! - `samples.npz`: the same images for standard FID tools (`arr_0` uint8
+//!   `[N, H, W, C]`, `arr_1` the labels, as guided-diffusion's `sample_ddp`);
+//!   with `sample.png_files`, each image as `samples/<class>-<index>.png`;
 //! - `grid.png`: one row per class, the first `sample.grid` images of it;
 //! - `sample.json`: what was generated, with what, in how long.
 
@@ -234,6 +237,88 @@ pub fn latent_decoder(plan: &RunPlan, device: Device) -> Result<Option<(Vae, [i6
     Ok(Some((vae, [spec.out_channels, side, side])))
 }
 
+/// The samples for standard FID tools (ADM's evaluator, pytorch-fid's
+/// `.npz` input): `arr_0` uint8 `[N, H, W, C]`, `arr_1` int64 labels, as
+/// guided-diffusion's `sample_ddp` writes them.
+pub const NPZ_FILE: &str = "samples.npz";
+
+/// The folder of the per-image PNGs (`sample.png_files`).
+pub const PNG_DIR: &str = "samples";
+
+/// One `.npy` (format 1.0) of `shape` and numpy `descr` holding `data`.
+fn npy(descr: &str, shape: &[i64], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(i64::to_string).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6), version (2), header length (2), header: a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Writes [`NPZ_FILE`] at `path` (atomically) from uint8 `[N, C, H, W]`
+/// images and their labels.
+pub fn write_npz(path: &Path, images: &Tensor, labels: &[i64]) -> Result<()> {
+    use std::io::Write;
+    let nhwc = images.permute([0, 2, 3, 1]).contiguous();
+    let shape = nhwc.size();
+    let pixels = Vec::<u8>::try_from(nhwc.reshape([-1])).context("uint8 images")?;
+    let label_bytes: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored = zip::write::FileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(pixels.len() > u32::MAX as usize / 2);
+    for (name, bytes) in [
+        ("arr_0.npy", npy("|u1", &shape, &pixels)),
+        (
+            "arr_1.npy",
+            npy("<i8", &[labels.len() as i64], &label_bytes),
+        ),
+    ] {
+        zip.start_file(name, stored)?;
+        zip.write_all(&bytes)?;
+    }
+    let bytes = zip.finish()?.into_inner();
+    crate::fsx::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes each image as `dir/<class>-<index>.png` (`sample.png_files`).
+fn write_pngs(dir: &Path, images: &Tensor, rows: &[(i64, u64)]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (_, c, h, w) = images.size4().context("NCHW images")?;
+    let color = if c == 1 {
+        image::ExtendedColorType::L8
+    } else {
+        image::ExtendedColorType::Rgb8
+    };
+    for (k, &(class, index)) in rows.iter().enumerate() {
+        let hwc = images.get(k as i64).permute([1, 2, 0]).contiguous();
+        let bytes = Vec::<u8>::try_from(hwc.reshape([-1])).context("uint8 image")?;
+        let path = dir.join(format!("{class:04}-{index:06}.png"));
+        image::save_buffer_with_format(
+            &path,
+            &bytes,
+            w as u32,
+            h as u32,
+            color,
+            image::ImageFormat::Png,
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A PNG of `images` uint8 `[N, C, H, W]` laid out `rows × cols` (row-major,
 /// missing cells black), 2-pixel gaps.
 pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
@@ -347,6 +432,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
             ("labels".to_string(), Tensor::from_slice(&labels)),
         ];
         weights::save(&plan.run_dir.join(SAMPLES_FILE), &tensors, &meta)?;
+        write_npz(&plan.run_dir.join(NPZ_FILE), &images, &labels)?;
+        if s.png_files {
+            write_pngs(&plan.run_dir.join(PNG_DIR), &images, &rows)?;
+        }
         let grid = grid_rows(&images, &labels, &classes, s.grid as usize);
         save_grid(&plan.run_dir.join("grid.png"), &grid, s.grid as usize)?;
         let summary = json!({

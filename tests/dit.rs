@@ -389,6 +389,7 @@ fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
     for (name, method) in [("sample-ddpm", "ddpm"), ("sample-ddim", "ddim")] {
         let mut sets = base(name);
         sets.push(format!("sample.method={method}"));
+        sets.push(format!("sample.png_files={}", method == "ddim"));
         let o = support::sfron(&sets, &["sample", "--from", &from]);
         assert!(o.status.success(), "{name}: {}", support::text(&o));
         let out = dir.join("runs").join(name);
@@ -403,6 +404,23 @@ fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
         let (tensors, _) = weights::load(&out.join("samples.safetensors")).unwrap();
         let images = &tensors.iter().find(|(n, _)| n == "images").unwrap().1;
         assert_eq!(images.size(), [2, 1, 28, 28]);
+        // The .npz for FID tools, as numpy reads it.
+        let text = support::run_python(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/read_npz.py"),
+            &[
+                out.join("samples.npz").as_os_str(),
+                out.join("samples.safetensors").as_os_str(),
+            ],
+        );
+        let line = text.lines().find(|l| l.starts_with('{')).unwrap();
+        let npz: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(npz["shape"], serde_json::json!([2, 28, 28, 1]), "{npz}");
+        assert_eq!(npz["dtype"], "uint8");
+        assert_eq!(npz["labels"], serde_json::json!([2, 5]));
+        assert_eq!(npz["equal"], true, "{npz}");
+        let pngs = ["0002-000000.png", "0005-000000.png"];
+        let written = pngs.iter().all(|p| out.join("samples").join(p).is_file());
+        assert_eq!(written, method == "ddim", "{name}: per-image PNGs");
     }
     let split = dir.join("split.json").display().to_string();
     let o = support::sfron(

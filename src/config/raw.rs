@@ -858,6 +858,9 @@ pub struct SampleSection {
     pub batch: u64,
     /// Images per class in `grid.png`.
     pub grid: u64,
+    /// Also write every image as a PNG under `samples/` (the run folder
+    /// always has `samples.safetensors` and `samples.npz`).
+    pub png_files: bool,
 }
 
 impl Default for SampleSection {
@@ -873,6 +876,7 @@ impl Default for SampleSection {
             classes: Vec::new(),
             batch: 512,
             grid: 10,
+            png_files: false,
         }
     }
 }
