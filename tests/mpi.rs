@@ -1419,7 +1419,8 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
 
 /// A small DiT (depth 2, width 32 in 2 heads, patch 4 on 28 × 28 digits,
 /// learned variance) under ADM's process: training, SFR-on (its Fisher, and
-/// its loop from the 1-rank Fisher), GA and the respaced sampler with the
+/// its loop from the 1-rank Fisher), GA, RL with the DiT release's
+/// relabelled loss, `sfron encode`, and the respaced sampler with the
 /// learned variance on 1 and 2 ranks give 1 rank's results.
 fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
     let limit = Duration::from_secs(300);
@@ -1517,6 +1518,12 @@ fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             "sfron.fisher_remain_batches=2",
             "ga.epochs=1",
             "ga.lr=0.001",
+            // RL as the DiT release runs it: the training loss under (c + 3) mod 10.
+            "diffusion_rl.iterations=4",
+            "diffusion_rl.lr=0.001",
+            "diffusion_rl.target=loss",
+            "diffusion_rl.label_offset=3",
+            "diffusion_rl.remain_alpha=1",
         ];
         sets.extend_from_slice(more);
         let args = [
@@ -1524,7 +1531,7 @@ fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         ];
         job(np, name, &sets, &args)
     };
-    for method in ["sfron", "ga"] {
+    for method in ["sfron", "ga", "rl"] {
         let o1 = unlearn(1, &format!("{method}-np1"), method, &[]);
         if o1.code != Some(0) {
             report(&format!("dit_{method}_np1"), false, &o1);

@@ -875,6 +875,15 @@ fn diffusion_rl_checks(config: &LoadedConfig) -> Result<(), ConfigError> {
         return Err(config.key_error("diffusion_rl.iterations", "must be at least 1"));
     }
     positive(config, "diffusion_rl.lr", d.lr)?;
+    if d.label_offset < 1 {
+        return Err(config.key_error(
+            "diffusion_rl.label_offset",
+            format!(
+                "{}: the pseudo label is another class, use 1 or more",
+                d.label_offset
+            ),
+        ));
+    }
     for (key, v) in [
         ("diffusion_rl.forget_alpha", d.forget_alpha),
         ("diffusion_rl.remain_alpha", d.remain_alpha),

@@ -687,6 +687,21 @@ pub struct DiffusionRlSection {
     pub mask_clip: f64,
     /// The mask's batch (0 = unlearn.forget_batch).
     pub mask_batch: u32,
+    /// What the forget rows are taught with the pseudo label `c'`:
+    /// `prediction` (the DDPM release: match `sg ε_θ(x_t, c')`) or `loss`
+    /// (the DiT release's `--unlearn-loss rl`: the denoiser's own training
+    /// loss under `c'`).
+    pub target: RelabelTarget,
+    /// `c' = (c + label_offset) mod classes` (the DDPM release: 1; DiT: 100).
+    pub label_offset: i64,
+}
+
+string_enum! {
+    /// The forget half of RL and SalUn on a denoiser.
+    RelabelTarget {
+        Prediction => "prediction",
+        Loss => "loss",
+    }
 }
 
 impl Default for DiffusionRlSection {
@@ -701,6 +716,8 @@ impl Default for DiffusionRlSection {
             mask_guidance: 2.0,
             mask_clip: 1.0,
             mask_batch: 0,
+            target: RelabelTarget::Prediction,
+            label_offset: 1,
         }
     }
 }

@@ -10,7 +10,13 @@
 //!    + α_r · mean_{i∈R} ‖ε_i − ε_θ(x_{t_i}, c_i)‖²`,
 //!
 //! `c' = (c + 1) mod K` (the release's `(label_to_forget + 1) % 10`): the
-//! forget class is taught to denoise as the next class does. The gradient's
+//! forget class is taught to denoise as the next class does.
+//!
+//! With `target = "loss"` (the DiT release's `forget.py --unlearn-loss rl
+//! --method joint`, `c' = (c + 100) mod 1000` with `label_offset = 100`)
+//! the forget half is instead the denoiser's own training loss under `c'`:
+//! `α_f · mean_{i∈F} ℓ(x_i, t_i, c'_i)`, the per-row loss of the model's
+//! process (ADM's MSE + VB for a DiT). The gradient's
 //! L2 norm is clipped to `clip`, then (SalUn) multiplied by the mask, and
 //! the optimizer steps at a constant rate. Both means are over the *global*
 //! batches, so the step does not depend on the rank count.
@@ -26,7 +32,7 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::{Budget, Edit, Iteration, Method, Session, Which, saliency};
-use crate::config::raw::{DecaySchedule, DiffusionRlSection};
+use crate::config::raw::{DecaySchedule, DiffusionRlSection, RelabelTarget};
 use crate::diffusion::draws::Purpose;
 use crate::diffusion::loss::{Rows, per_sample};
 use crate::engine::progress::Progress;
@@ -50,16 +56,20 @@ impl DiffusionRl {
     }
 }
 
+/// `c' = (c + label_offset) mod classes`.
+fn pseudo_labels(c: &Tensor, offset: i64, classes: i64) -> Tensor {
+    (c + offset).remainder(classes)
+}
+
 /// Per-row `Σ_pixels (ε_θ(x_t, c) − sg ε_θ(x_t, c'))²` of the forget rows
 /// (the predicted noise: a learned variance's channels are left out).
 /// The target pass uses its own condition-dropout and dropout draws
 /// (`Purpose::Target`), as the release's second forward pass draws anew.
-fn relabel_losses(s: &Session, rows: &Rows, target: &Rows) -> Tensor {
+fn relabel_losses(s: &Session, rows: &Rows, target: &Rows, offset: i64) -> Tensor {
     let den = s.task.denoising(true).expect("a denoiser");
     let d = &rows.draws;
     let xt = den.schedule.noised(&rows.x0, &d.t, &d.noise);
-    let classes = s.model.classes;
-    let pseudo = (&rows.c + 1).remainder(classes);
+    let pseudo = pseudo_labels(&rows.c, offset, s.model.classes);
     let target_eps = tch::no_grad(|| {
         let cond = Cond {
             t: &d.t,
@@ -152,9 +162,23 @@ impl Method for DiffusionRl {
             .task
             .rows(&s.engine, &batch, &global, Purpose::Target, t, true);
         if let (Some(rows), Some(target), false) = (rows, target, batch.is_empty()) {
-            let pixels = rows.x0.size()[1..].iter().product::<i64>() as f64;
-            let sum = relabel_losses(s, &rows, &target).sum(Kind::Float);
-            let scaled = &sum * (self.plan.forget_alpha / (global.len() as f64 * pixels));
+            let scaled = match self.plan.target {
+                RelabelTarget::Prediction => {
+                    let pixels = rows.x0.size()[1..].iter().product::<i64>() as f64;
+                    let sum =
+                        relabel_losses(s, &rows, &target, self.plan.label_offset).sum(Kind::Float);
+                    sum * (self.plan.forget_alpha / (global.len() as f64 * pixels))
+                }
+                RelabelTarget::Loss => {
+                    let den = s.task.denoising(true).expect("a denoiser");
+                    let relabelled = Rows {
+                        c: pseudo_labels(&rows.c, self.plan.label_offset, s.model.classes),
+                        ..rows
+                    };
+                    let sum = per_sample(&s.model, &den, &relabelled, true).sum(Kind::Float);
+                    sum * (self.plan.forget_alpha / global.len() as f64)
+                }
+            };
             local.loss_sum += scaled.double_value(&[]);
             s.engine.backward(&scaled);
         }
