@@ -240,6 +240,18 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
         &["split", "--scenario", "class:1", "--out", &split],
     );
     assert!(o.status.success(), "{}", support::text(&o));
+    // The generation evaluation of a latent denoiser is refused, named.
+    support::assert_refused(
+        &dir,
+        "dit-eval",
+        &{
+            let mut s = dit("dit-eval");
+            s.push(format!("eval.classifier={}", vae_file.display()));
+            s
+        },
+        &["eval", "--model", &from, "--split", &split],
+        "latent denoiser",
+    );
     let weights_file = dir.join("runs/dit/model.safetensors").display().to_string();
     support::assert_refused(
         &dir,

@@ -259,6 +259,15 @@ fn fid_of(generated: &Tensor, real: &Tensor) -> f64 {
 /// `sfron eval` of a diffusion model: `model_path` is a weights file or a
 /// run folder (`sample.weights` picks its EMA or raw weights).
 pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Result<Status> {
+    if plan.data.format == crate::data::Format::Latents {
+        bail!(
+            "sfron eval of a latent denoiser (data.format = \"latents\") is not supported yet: its \
+             judge and FID need the source images ({}), which the generation evaluation does not \
+             read yet; sample it (`sfron sample`, samples.npz) and judge the images with an \
+             external FID tool",
+            plan.data.root.display()
+        );
+    }
     let started = Instant::now();
     let inputs = Inputs::open(plan)?;
     let class = inputs.forget_class()?;
