@@ -103,7 +103,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
         let index = LatentIndex {
             format: FORMAT_TAG.into(),
             source_format: plan.data.format.name().into(),
-            source_root: plan.data.root.display().to_string(),
+            source_root: std::fs::canonicalize(&plan.data.root)
+                .unwrap_or_else(|_| plan.data.root.clone())
+                .display()
+                .to_string(),
             source_part: latents::part_dir(*part).into(),
             source_fingerprint: ds.fingerprint.clone(),
             classes: ds.classes.clone(),

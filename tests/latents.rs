@@ -84,8 +84,9 @@ fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
 /// parts, shards of 20, each sample's moments those of the VAE on ADM's
 /// crop and on its mirror; a rerun writes nothing, a deleted shard is
 /// rewritten identically, a different crop into the same folder is
-/// refused; then a DiT trains on the latents and its samples decode to
-/// digits' size.
+/// refused; then a DiT trains on the latents, its samples decode to
+/// digits' size, and the generation evaluation judges them against the
+/// source digits.
 #[test]
 fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
     let dir = temp_dir("encode");
@@ -106,7 +107,7 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
             "data.workers=0".into(),
             format!("device.threads={}", support::threads()),
             "log.level=warn".into(),
-            "encode.image_size=16".into(),
+            "encode.image_size=28".into(),
             "encode.shard_size=20".into(),
             "encode.batch=7".into(),
         ];
@@ -138,7 +139,7 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
     assert!(!out.join("test/shard-00001.safetensors").exists());
     // Sample 23 (shard 1, row 3): the VAE's moments of its crop and mirror.
     let shard = tensors(&train.join(&shards[1]));
-    assert_eq!(shard["moments"].size(), [20, 2 * 8 * 8 * 8]);
+    assert_eq!(shard["moments"].size(), [20, 2 * 8 * 14 * 14]);
     assert_eq!(shard["labels"].size(), [20]);
     let ds = sfron::data::Dataset::open(
         sfron::data::Format::Mnist,
@@ -146,16 +147,16 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
         sfron::data::Part::Train,
     )
     .unwrap();
-    let crop = adm_center_crop(&ds.load(23).unwrap(), 16).unwrap();
+    let crop = adm_center_crop(&ds.load(23).unwrap(), 28).unwrap();
     let x = (Tensor::from_slice(&crop.data)
-        .view([1, 1, 16, 16])
+        .view([1, 1, 28, 28])
         .to_kind(Kind::Float)
         / 255.0
         - 0.5)
         / 0.5;
     let (plain, mirror) =
         tch::no_grad(|| (net.encode_moments(&x), net.encode_moments(&x.flip([3]))));
-    let stored = shard["moments"].get(3).view([2, 8, 8, 8]);
+    let stored = shard["moments"].get(3).view([2, 8, 14, 14]);
     let rel = |a: &Tensor, b: &Tensor| {
         (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
     };
@@ -190,7 +191,7 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
         "encode-other",
         &{
             let mut s = base("encode-other");
-            s.push("encode.image_size=8".into());
+            s.push("encode.image_size=16".into());
             s
         },
         &[
@@ -203,7 +204,7 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
         "index.json",
     );
 
-    // A DiT on the latents; its samples decode to 16 × 16 digits.
+    // A DiT on the latents; its samples decode to 28 × 28 digits.
     let dit = |name: &str| {
         vec![
             format!("run.root={}", dir.join("runs").display()),
@@ -231,7 +232,7 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
     let o = support::sfron(&dit("dit-sample"), &["sample", "--from", &from]);
     assert!(o.status.success(), "{}", support::text(&o));
     let images = &tensors(&dir.join("runs/dit-sample/samples.safetensors"))["images"];
-    assert_eq!(images.size(), [2, 1, 16, 16]);
+    assert_eq!(images.size(), [2, 1, 28, 28]);
     assert!(dir.join("runs/dit-sample/grid.png").is_file());
     // SA cannot replay latents yet: refused, not run on decoded pixels.
     let split = dir.join("split.json").display().to_string();
@@ -240,17 +241,26 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
         &["split", "--scenario", "class:1", "--out", &split],
     );
     assert!(o.status.success(), "{}", support::text(&o));
-    // The generation evaluation of a latent denoiser is refused, named.
-    support::assert_refused(
-        &dir,
-        "dit-eval",
-        &{
-            let mut s = dit("dit-eval");
-            s.push(format!("eval.classifier={}", vae_file.display()));
-            s
-        },
-        &["eval", "--model", &from, "--split", &split],
-        "latent denoiser",
+    // The generation evaluation: samples decoded, judged by a digit
+    // classifier, FID against the source digits ADM-cropped as encoded.
+    let judge = support::train_digit_judge(&dir, 200, 10);
+    let mut sets = dit("dit-eval");
+    sets.push(format!("eval.classifier={}", judge.display()));
+    let o = support::sfron(&sets, &["eval", "--model", &from, "--split", &split]);
+    assert!(o.status.success(), "{}", support::text(&o));
+    let e: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("runs/dit-eval/eval.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(e["forget_class"], 1, "{e}");
+    assert_eq!(
+        e["real_remain"],
+        50 - ds.labels[..50].iter().filter(|&&c| c == 1).count(),
+        "{e}"
+    );
+    assert!(
+        e["fid_classifier"].as_f64().is_some_and(f64::is_finite),
+        "{e}"
     );
     let weights_file = dir.join("runs/dit/model.safetensors").display().to_string();
     support::assert_refused(

@@ -54,6 +54,20 @@ impl Format {
     pub fn name(self) -> &'static str {
         Format::NAMES[self as usize]
     }
+
+    /// The format of a name of [`Format::NAMES`].
+    pub fn by_name(name: &str) -> Option<Self> {
+        [
+            Format::Mnist,
+            Format::Cifar10,
+            Format::Cifar100,
+            Format::ImageFolder,
+            Format::Tar,
+            Format::Latents,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
+    }
 }
 
 /// The training or the test part of a dataset.

@@ -52,6 +52,10 @@ pub enum Recipe {
     /// `mean + exp(clamp(logvar, −30, 20) / 2) ε` times `scaling` (DiT's
     /// `vae.encode(x).latent_dist.sample().mul_(0.18215)`).
     Latent { scaling: f64 },
+    /// ADM's centre crop to `size` ([`adm_center_crop`], what `sfron
+    /// encode` feeds the VAE), then normalise: the real images a latent
+    /// model's samples are compared with.
+    AdmCrop { size: usize },
 }
 
 /// A posterior draw of a latent sample (see [`Recipe::Latent`]): `img`
@@ -182,6 +186,16 @@ impl Transform {
         }
     }
 
+    /// ADM's centre crop to `size` with `norm`'s normalisation.
+    pub fn adm_crop(size: usize, norm: &Transform) -> Self {
+        Transform {
+            recipe: Recipe::AdmCrop { size },
+            mean: norm.mean.clone(),
+            std: norm.std.clone(),
+            shape: [norm.mean.len(), size, size],
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -241,6 +255,10 @@ impl Transform {
                 self.normalize(&resized, rw, top, left, false, out);
             }
             Recipe::Latent { .. } => unreachable!("drawn above"),
+            Recipe::AdmCrop { size } => {
+                let crop = adm_center_crop(img, size)?;
+                self.normalize(&crop.data, size, 0, 0, false, out);
+            }
         }
         Ok(())
     }

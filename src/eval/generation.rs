@@ -23,6 +23,7 @@
 //! symmetric eigendecompositions (no complex `sqrtm` round-off to discard).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -31,6 +32,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::comm::Comm;
 use crate::config::RunPlan;
+use crate::data::Dataset;
 use crate::data::sampler::share;
 use crate::data::transform::Transform;
 use crate::engine::progress::Progress;
@@ -187,14 +189,13 @@ fn classify(
 fn real_features(
     comm: &Comm,
     plan: &RunPlan,
-    inputs: &Inputs,
+    (images, remain): (&Arc<Dataset>, &[usize]),
     (classifier, inception): (&Model, Option<&FidInception>),
     transform: &Transform,
     device: Device,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
-    let remain = inputs.remain();
     let mine = &remain[share(remain.len(), comm.rank(), comm.size())];
-    let mut loader = Inputs::loader(plan, &inputs.train, transform);
+    let mut loader = Inputs::loader(plan, images, transform);
     let c = transform.mean.len() as i64;
     let mean = Tensor::from_slice(&transform.mean).view([1, c, 1, 1]);
     let std = Tensor::from_slice(&transform.std).view([1, c, 1, 1]);
@@ -214,7 +215,7 @@ fn real_features(
         let probe = Tensor::zeros(
             [
                 1,
-                inputs.in_channels,
+                transform.shape[0] as i64,
                 transform.shape[1] as i64,
                 transform.shape[2] as i64,
             ],
@@ -256,18 +257,45 @@ fn fid_of(generated: &Tensor, real: &Tensor) -> f64 {
     frechet_distance(&mu_g, &s_g, &mu_r, &s_r)
 }
 
+/// A latent dataset's source images (its train part, cut as it was when
+/// encoded, checked by fingerprint) and the judge's transform of them.
+fn source_images(plan: &RunPlan, inputs: &Inputs) -> Result<(Transform, Arc<Dataset>)> {
+    let dir = plan.data.root.join("train");
+    let index = crate::data::latents::read_index(&dir)?;
+    let format = crate::data::Format::by_name(&index.source_format).with_context(|| {
+        format!(
+            "{}: source format {:?} is not one sfron reads",
+            dir.display(),
+            index.source_format
+        )
+    })?;
+    let root = Path::new(&index.source_root);
+    let mut source = Dataset::open(format, root, crate::data::Part::Train).with_context(|| {
+        format!(
+            "the source images of {} (the judge and FID compare the samples with them)",
+            dir.display()
+        )
+    })?;
+    source.limit(index.samples);
+    if source.fingerprint != index.source_fingerprint || source.len() != inputs.train.len() {
+        bail!(
+            "{}: {} is no longer the data it was encoded from (fingerprint {}, the index says {})",
+            dir.display(),
+            root.display(),
+            source.fingerprint,
+            index.source_fingerprint
+        );
+    }
+    let norm = crate::data::default_transform(format, false);
+    Ok((
+        Transform::adm_crop(index.image_size, &norm),
+        Arc::new(source),
+    ))
+}
+
 /// `sfron eval` of a diffusion model: `model_path` is a weights file or a
 /// run folder (`sample.weights` picks its EMA or raw weights).
 pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Result<Status> {
-    if plan.data.format == crate::data::Format::Latents {
-        bail!(
-            "sfron eval of a latent denoiser (data.format = \"latents\") is not supported yet: its \
-             judge and FID need the source images ({}), which the generation evaluation does not \
-             read yet; sample it (`sfron sample`, samples.npz) and judge the images with an \
-             external FID tool",
-            plan.data.root.display()
-        );
-    }
     let started = Instant::now();
     let inputs = Inputs::open(plan)?;
     let class = inputs.forget_class()?;
@@ -292,7 +320,18 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
                 .with_context(|| format!("eval.inception = {path}"))?,
         ),
     };
-    let transform = crate::data::default_transform(plan.data.format, false);
+    // The images the samples are compared with, and how the judge reads
+    // both: the data's own (pixel data), or for latents the source images
+    // `sfron encode` read, ADM-cropped as they were encoded, normalised as
+    // the source format's classifiers expect.
+    let (transform, real_images) = if plan.data.format == crate::data::Format::Latents {
+        source_images(plan, &inputs)?
+    } else {
+        (
+            crate::data::default_transform(plan.data.format, false),
+            inputs.train.clone(),
+        )
+    };
     let (weights_path, ema) = sample::weights_file(model_path, plan.sample.weights)?;
     let model = sample::load_denoiser(plan, &weights_path, device)?;
     if model.classes != inputs.classes {
@@ -323,7 +362,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
     let real = real_features(
         comm,
         plan,
-        &inputs,
+        (&real_images, &inputs.remain()),
         (&classifier, inception.as_ref()),
         &transform,
         device,
