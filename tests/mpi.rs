@@ -1516,6 +1516,9 @@ fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             "sfron.forget_every=1",
             "sfron.fisher_batch=16",
             "sfron.fisher_remain_batches=2",
+            // Five forget batches of an epoch of three: the release's
+            // cycling draws through reshuffled epochs.
+            "sfron.fisher_forget_batches=5",
             "ga.epochs=1",
             "ga.lr=0.001",
             // RL as the DiT release runs it: the training loss under (c + 3) mod 10.

@@ -1084,8 +1084,13 @@ pub struct SfronSection {
     pub soft_max: f64,
     /// Global batch of the Fisher passes (0 = unlearn.forget_batch).
     pub fisher_batch: u32,
-    /// Remain batches the remain Fisher averages (0 = the whole remain set).
+    /// Remain batches the remain Fisher averages (0 = the whole remain set;
+    /// more than an epoch's cycle through reshuffled epochs, as the DiT
+    /// release's `cycle(DataLoader(shuffle=True))` draws).
     pub fisher_remain_batches: u64,
+    /// Forget batches the forget Fisher averages (0 = the whole forget set,
+    /// once; N as `fisher_remain_batches`: the DiT release's 2,000 draws).
+    pub fisher_forget_batches: u64,
     /// Where the Fisher is cached ("" = <run folder>/fisher.safetensors); reused
     /// only when the original weights, the split and the Fisher settings match.
     pub fisher_cache: String,
@@ -1138,6 +1143,7 @@ impl Default for SfronSection {
             soft_max: 100.0,
             fisher_batch: 0,
             fisher_remain_batches: 0,
+            fisher_forget_batches: 0,
             fisher_cache: String::new(),
             freeze_bn_on_forget: false,
             loss_precision: LossPrecision::Exact,

@@ -64,9 +64,8 @@ fn fisher(
         s.comm.rank(),
         s.comm.size(),
     );
-    let batches = cap.map_or(stream.batches_per_epoch() as u64, |c| {
-        c.min(stream.batches_per_epoch() as u64)
-    });
+    // One pass, or `cap` batches (cycling through reshuffled epochs).
+    let batches = cap.unwrap_or(stream.batches_per_epoch() as u64);
     let sum = Tensor::zeros(
         [s.engine.flat_grad().numel() as i64],
         (Kind::Float, s.device),
@@ -246,6 +245,9 @@ fn cache_key(s: &Session) -> String {
     if let Some(c) = p.fisher_clip {
         key["fisher_clip"] = json!(c);
     }
+    if let Some(n) = p.fisher_forget_batches {
+        key["forget_batches"] = json!(n);
+    }
     if s.task.task() == crate::model::Task::Denoise {
         key["fisher_guidance"] = json!(p.fisher_guidance);
         key["diffusion"] = json!(s.plan.diffusion);
@@ -351,7 +353,8 @@ pub fn fisher_pair(s: &mut Session) -> Result<Option<Fisher>> {
     }
     let (forget_set, remain_set) = (s.inputs.forget(), s.inputs.remain());
     let cap = s.plan.sfron.fisher_remain_batches;
-    let Some((forget, nf)) = fisher(s, forget_set, "fisher_forget", None)? else {
+    let forget_cap = s.plan.sfron.fisher_forget_batches;
+    let Some((forget, nf)) = fisher(s, forget_set, "fisher_forget", forget_cap)? else {
         return Ok(None);
     };
     let Some((remain, nr)) = fisher(s, remain_set, "fisher_remain", cap)? else {
