@@ -277,7 +277,7 @@ fn source_images(plan: &RunPlan, inputs: &Inputs) -> Result<(Transform, Arc<Data
         )
     })?;
     source.limit(index.samples);
-    if source.fingerprint != index.source_fingerprint || source.len() != inputs.train.len() {
+    if source.fingerprint != index.source_fingerprint {
         bail!(
             "{}: {} is no longer the data it was encoded from (fingerprint {}, the index says {})",
             dir.display(),
@@ -286,6 +286,8 @@ fn source_images(plan: &RunPlan, inputs: &Inputs) -> Result<(Transform, Arc<Data
             index.source_fingerprint
         );
     }
+    // data.train_limit cuts the latents; the images are cut alike.
+    source.limit(inputs.train.len());
     let norm = crate::data::default_transform(format, false);
     Ok((
         Transform::adm_crop(index.image_size, &norm),
