@@ -85,6 +85,34 @@ impl Inputs {
         }
     }
 
+    /// The remain samples an unlearning run draws from: every remain sample,
+    /// or with `unlearn.remain_classes = N` those of N of the remaining
+    /// classes (a seeded choice, [`Inputs::drawn_remain_classes`]).
+    pub fn unlearn_remain(&self, plan: &RunPlan) -> Vec<usize> {
+        let remain = self.remain();
+        match self.drawn_remain_classes(plan) {
+            None => remain,
+            Some(keep) => remain
+                .into_iter()
+                .filter(|&i| keep.binary_search(&self.train.labels[i]).is_ok())
+                .collect(),
+        }
+    }
+
+    /// The classes `unlearn.remain_classes` keeps, ascending (`None`: all):
+    /// the remaining classes shuffled by `[seed, REMAIN_CLASSES]`, the first N.
+    pub fn drawn_remain_classes(&self, plan: &RunPlan) -> Option<Vec<i64>> {
+        let n = plan.unlearn.remain_classes? as usize;
+        let labels = &self.train.labels;
+        let mut classes: Vec<i64> = self.remain().iter().map(|&i| labels[i]).collect();
+        classes.sort_unstable();
+        classes.dedup();
+        crate::rng::Rng::keyed(&[plan.seed, crate::rng::tag::REMAIN_CLASSES]).shuffle(&mut classes);
+        classes.truncate(n);
+        classes.sort_unstable();
+        Some(classes)
+    }
+
     /// The forget set (empty without a split).
     pub fn forget(&self) -> Vec<usize> {
         self.split

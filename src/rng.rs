@@ -37,6 +37,8 @@ pub mod tag {
     pub const REPLAY: u64 = 0x5245_504c_4159;
     /// SA's surrogate (uniform noise) images: `[seed, SURROGATE, step, position]`.
     pub const SURROGATE: u64 = 0x5355_5252_4f47;
+    /// The remaining classes an unlearning run draws from: `[seed, REMAIN_CLASSES]`.
+    pub const REMAIN_CLASSES: u64 = 0x5243_4c41_5353;
 }
 
 /// SplitMix64.

@@ -452,6 +452,63 @@ fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
     assert!(o.status.success(), "{}", support::text(&o));
     assert!(dir.join("runs/sfron/model.safetensors").is_file());
 
+    // unlearn.remain_classes = 2: the remain steps and the remain Fisher
+    // read only the two drawn classes (neither is the forgotten 3).
+    let mut sets = base("sfron-two");
+    sets.extend([
+        "unlearn.batch=16".into(),
+        "unlearn.forget_batch=8".into(),
+        "sfron.iterations=3".into(),
+        "sfron.fisher_batch=16".into(),
+        "sfron.fisher_remain_batches=2".into(),
+        "unlearn.remain_classes=2".into(),
+    ]);
+    let trace = dir.join("two.trace.jsonl");
+    let o = support::sfron(
+        &sets,
+        &[
+            "unlearn",
+            "--method",
+            "sfron",
+            "--from",
+            &weights_file,
+            "--split",
+            &split,
+            "--trace",
+            trace.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", support::text(&o));
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("runs/sfron-two/unlearn.json")).unwrap(),
+    )
+    .unwrap();
+    let kept: Vec<i64> = serde_json::from_value(summary["remain_classes"].clone()).unwrap();
+    assert_eq!(kept.len(), 2, "{summary}");
+    assert!(!kept.contains(&3), "{summary}");
+    let ds = sfron::data::Dataset::open(
+        sfron::data::Format::Mnist,
+        Path::new(mnist),
+        sfron::data::Part::Train,
+    )
+    .unwrap();
+    let mut read = 0;
+    for line in std::fs::read_to_string(&trace).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let phase = v["phase"].as_str().unwrap();
+        if phase == "remain" || phase == "fisher_remain" {
+            for i in v["indices"].as_array().unwrap() {
+                let label = ds.labels[i.as_u64().unwrap() as usize];
+                assert!(kept.contains(&label), "{phase} read class {label}");
+                read += 1;
+            }
+        }
+    }
+    assert!(
+        read >= 3 * 16,
+        "the trace holds the remain batches ({read} samples)"
+    );
+
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
         ("name", vec!["model.dit.name=DiT-XXL/2"], "model.dit.name"),
         (

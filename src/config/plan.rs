@@ -305,6 +305,8 @@ pub struct UnlearnPlan {
     /// Relative logit noise of the robustness probe (0 = off).
     pub logit_noise: f64,
     pub logit_noise_seed: u64,
+    /// `unlearn.remain_classes` (None = every remaining class).
+    pub remain_classes: Option<u64>,
 }
 
 /// How the saliency gates the forget gradient.
@@ -508,6 +510,7 @@ fn unlearn_plan(config: &LoadedConfig) -> Result<UnlearnPlan, ConfigError> {
         snapshot_every: u.snapshot_every,
         logit_noise: u.logit_noise,
         logit_noise_seed: u.logit_noise_seed,
+        remain_classes: (u.remain_classes > 0).then_some(u.remain_classes),
     })
 }
 

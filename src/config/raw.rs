@@ -1030,6 +1030,10 @@ pub struct UnlearnSection {
     pub logit_noise: f64,
     /// Which draw of that noise (another value, another perturbation).
     pub logit_noise_seed: u64,
+    /// The remain step (and the remain Fisher) draws from this many of the
+    /// remaining classes, chosen by `run.seed` (0 = all of them, as the
+    /// releases do). Retrain and the evaluation keep every class.
+    pub remain_classes: u64,
 }
 
 impl Default for UnlearnSection {
@@ -1055,6 +1059,7 @@ impl Default for UnlearnSection {
             snapshot_every: 0,
             logit_noise: 0.0,
             logit_noise_seed: 0,
+            remain_classes: 0,
         }
     }
 }

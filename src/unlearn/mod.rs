@@ -878,6 +878,8 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &UnlearnArgs) -> R
         let summary = json!({
             "method": u.method.as_str(), "from": from.display().to_string(),
             "split": split, "iterations": end, "seconds": elapsed, "ranks": comm.size(),
+            // unlearn.remain_classes' draw (null: every remaining class).
+            "remain_classes": s.inputs.drawn_remain_classes(plan),
             "forget_acc": after.map(|a| a[0]), "remain_acc": after.map(|a| a[1]),
             "test_acc": after.map(|a| a[2]),
             "before": state.before,
@@ -965,7 +967,7 @@ impl Session<'_> {
     }
 
     pub fn remain_len(&self) -> usize {
-        self.inputs.remain().len()
+        self.inputs.unlearn_remain(self.plan).len()
     }
 }
 
@@ -980,9 +982,13 @@ fn stream(
 ) -> BatchStream {
     let (members, tag, batch) = match which {
         Which::Forget => (inputs.forget(), Stream::Forget, plan.unlearn.forget_batch),
-        Which::Remain => (inputs.remain(), Stream::Remain, plan.unlearn.batch),
+        Which::Remain => (
+            inputs.unlearn_remain(plan),
+            Stream::Remain,
+            plan.unlearn.batch,
+        ),
         Which::Union => {
-            let mut all = inputs.remain();
+            let mut all = inputs.unlearn_remain(plan);
             all.extend(inputs.forget());
             all.sort_unstable();
             (all, Stream::Union, plan.unlearn.batch)

@@ -248,6 +248,9 @@ fn cache_key(s: &Session) -> String {
     if let Some(n) = p.fisher_forget_batches {
         key["forget_batches"] = json!(n);
     }
+    if let Some(classes) = s.inputs.drawn_remain_classes(s.plan) {
+        key["remain_classes"] = json!(classes);
+    }
     if s.task.task() == crate::model::Task::Denoise {
         key["fisher_guidance"] = json!(p.fisher_guidance);
         key["diffusion"] = json!(s.plan.diffusion);
@@ -351,7 +354,7 @@ pub fn fisher_pair(s: &mut Session) -> Result<Option<Fisher>> {
             seconds: started.elapsed().as_secs_f64(),
         }));
     }
-    let (forget_set, remain_set) = (s.inputs.forget(), s.inputs.remain());
+    let (forget_set, remain_set) = (s.inputs.forget(), s.inputs.unlearn_remain(s.plan));
     let cap = s.plan.sfron.fisher_remain_batches;
     let forget_cap = s.plan.sfron.fisher_forget_batches;
     let Some((forget, nf)) = fisher(s, forget_set, "fisher_forget", forget_cap)? else {
