@@ -428,33 +428,10 @@ fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
         &["split", "--scenario", "class:3", "--out", &split],
     );
     assert!(o.status.success(), "{}", support::text(&o));
-    let mut sets = base("sfron");
-    sets.extend([
-        "unlearn.batch=16".into(),
-        "unlearn.forget_batch=8".into(),
-        "sfron.iterations=3".into(),
-        "sfron.fisher_batch=16".into(),
-        "sfron.fisher_remain_batches=1".into(),
-    ]);
     let weights_file = run.join("model.safetensors").display().to_string();
-    let o = support::sfron(
-        &sets,
-        &[
-            "unlearn",
-            "--method",
-            "sfron",
-            "--from",
-            &weights_file,
-            "--split",
-            &split,
-        ],
-    );
-    assert!(o.status.success(), "{}", support::text(&o));
-    assert!(dir.join("runs/sfron/model.safetensors").is_file());
-
-    // unlearn.remain_classes = 2: the remain steps and the remain Fisher
-    // read only the two drawn classes (neither is the forgotten 3).
-    let mut sets = base("sfron-two");
+    // SFR-on with unlearn.remain_classes = 2: the remain steps and the
+    // remain Fisher read only the two drawn classes (not the forgotten 3).
+    let mut sets = base("sfron");
     sets.extend([
         "unlearn.batch=16".into(),
         "unlearn.forget_batch=8".into(),
@@ -479,8 +456,9 @@ fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
         ],
     );
     assert!(o.status.success(), "{}", support::text(&o));
+    assert!(dir.join("runs/sfron/model.safetensors").is_file());
     let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("runs/sfron-two/unlearn.json")).unwrap(),
+        &std::fs::read_to_string(dir.join("runs/sfron/unlearn.json")).unwrap(),
     )
     .unwrap();
     let kept: Vec<i64> = serde_json::from_value(summary["remain_classes"].clone()).unwrap();
