@@ -125,6 +125,39 @@ fn launch_bench_ddpm_times_both_steps_on_both_sides() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `launch/bench-dit` at a tiny batch: both sides time a training step and
+/// the table row is printed.
+#[test]
+fn launch_bench_dit_times_a_training_step_on_both_sides() {
+    let dir = support::temp_dir("bench-dit");
+    let o = Command::new(Path::new(ROOT).join("launch/bench-dit"))
+        .current_dir(ROOT)
+        .envs([
+            ("BATCH", "2"),
+            ("THREADS", "1"),
+            ("ITERATIONS", "1"),
+            ("WARMUP", "1"),
+            ("ROUNDS", "1"),
+            ("SFRON_NO_SETUP", "1"),
+        ])
+        .env("BENCH_OUT", &dir)
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let rows =
+        support::json_lines(&std::fs::read_to_string(dir.join("dit/results.jsonl")).unwrap());
+    for side in ["sfron", "pytorch"] {
+        let r = rows
+            .iter()
+            .find(|r| r["side"] == side && r["what"] == "train")
+            .unwrap_or_else(|| panic!("no {side} row in {rows:?}"));
+        assert!(r["ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(out.contains("| training step |"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `launch/bench-imagenet` at two tiny scales in both formats: every
 /// measurement runs on the generated data (the index sees every generated
 /// sample, the sampler's shares cover the remain set, the capped SFR-on run
