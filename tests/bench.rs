@@ -83,29 +83,44 @@ fn launch_bench_runs_every_measurement_on_a_tiny_model_and_writes_its_section() 
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Runs `launch/<script>` with `envs` (setup skipped), its output under
+/// `out`; returns its results.jsonl under `out/<name>` and its text, after
+/// checking it exited 0.
+fn run_step_bench(
+    script: &str,
+    envs: &[(&str, &str)],
+    out: &Path,
+    name: &str,
+) -> (Vec<serde_json::Value>, String) {
+    let o = Command::new(Path::new(ROOT).join("launch").join(script))
+        .current_dir(ROOT)
+        .envs(envs.iter().copied())
+        .env("SFRON_NO_SETUP", "1")
+        .env("BENCH_OUT", out)
+        .output()
+        .unwrap();
+    let text = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    let rows = support::json_lines(
+        &std::fs::read_to_string(out.join(name).join("results.jsonl")).unwrap(),
+    );
+    (rows, text)
+}
+
 /// `launch/bench-ddpm` at a tiny scale: both sides measured for both
 /// steps, and the table printed with a ratio per row.
 #[test]
 fn launch_bench_ddpm_times_both_steps_on_both_sides() {
     let dir = support::temp_dir("bench-ddpm");
-    let o = Command::new(Path::new(ROOT).join("launch/bench-ddpm"))
-        .current_dir(ROOT)
-        .envs([
-            ("BATCH", "8"),
-            ("THREADS", "1"),
-            ("ITERATIONS", "2"),
-            ("WARMUP", "1"),
-            ("STEPS", "2"),
-            ("ROUNDS", "1"),
-            ("SFRON_NO_SETUP", "1"),
-        ])
-        .env("BENCH_OUT", &dir)
-        .output()
-        .unwrap();
-    let out = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{out}");
-    let rows =
-        support::json_lines(&std::fs::read_to_string(dir.join("ddpm/results.jsonl")).unwrap());
+    let envs = [
+        ("BATCH", "8"),
+        ("THREADS", "1"),
+        ("ITERATIONS", "2"),
+        ("WARMUP", "1"),
+        ("STEPS", "2"),
+        ("ROUNDS", "1"),
+    ];
+    let (rows, out) = run_step_bench("bench-ddpm", &envs, &dir, "ddpm");
     for side in ["sfron", "pytorch"] {
         for what in ["train", "sample"] {
             let r = rows
@@ -130,23 +145,14 @@ fn launch_bench_ddpm_times_both_steps_on_both_sides() {
 #[test]
 fn launch_bench_dit_times_a_training_step_on_both_sides() {
     let dir = support::temp_dir("bench-dit");
-    let o = Command::new(Path::new(ROOT).join("launch/bench-dit"))
-        .current_dir(ROOT)
-        .envs([
-            ("BATCH", "2"),
-            ("THREADS", "1"),
-            ("ITERATIONS", "1"),
-            ("WARMUP", "1"),
-            ("ROUNDS", "1"),
-            ("SFRON_NO_SETUP", "1"),
-        ])
-        .env("BENCH_OUT", &dir)
-        .output()
-        .unwrap();
-    let out = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{out}");
-    let rows =
-        support::json_lines(&std::fs::read_to_string(dir.join("dit/results.jsonl")).unwrap());
+    let envs = [
+        ("BATCH", "2"),
+        ("THREADS", "1"),
+        ("ITERATIONS", "1"),
+        ("WARMUP", "1"),
+        ("ROUNDS", "1"),
+    ];
+    let (rows, out) = run_step_bench("bench-dit", &envs, &dir, "dit");
     for side in ["sfron", "pytorch"] {
         let r = rows
             .iter()
