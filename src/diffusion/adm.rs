@@ -48,10 +48,18 @@ pub struct Process {
     betas: Vec<f64>,
     alphas_cumprod: Vec<f64>,
     alphas_cumprod_prev: Vec<f64>,
-    posterior_variance: Vec<f64>,
     posterior_log_variance_clipped: Vec<f64>,
     posterior_mean_coef1: Vec<f64>,
     posterior_mean_coef2: Vec<f64>,
+    /// `√ᾱ`, `√(1 − ᾱ)`, `√(1/ᾱ)`, `√(1/ᾱ − 1)` (`q_sample`, `x̂₀` from ε).
+    sqrt_alphas_cumprod: Vec<f64>,
+    sqrt_one_minus_alphas_cumprod: Vec<f64>,
+    sqrt_recip_alphas_cumprod: Vec<f64>,
+    sqrt_recipm1_alphas_cumprod: Vec<f64>,
+    /// `log β` (the learned range's upper end) and the fixed-large
+    /// log-variance (`log β`, `log β̃_1` at step 0).
+    log_betas: Vec<f64>,
+    log_variance_large: Vec<f64>,
 }
 
 /// ADM's `get_named_beta_schedule("linear", T)`: β evenly spaced from
@@ -183,16 +191,36 @@ impl Process {
                 (1.0 - alphas_cumprod_prev[i]) * (1.0 - betas[i]).sqrt() / (1.0 - alphas_cumprod[i])
             })
             .collect();
+        let of = |f: &dyn Fn(f64) -> f64| alphas_cumprod.iter().map(|&a| f(a)).collect();
+        let sqrt_alphas_cumprod = of(&|a| a.sqrt());
+        let sqrt_one_minus_alphas_cumprod = of(&|a| (1.0 - a).sqrt());
+        let sqrt_recip_alphas_cumprod = of(&|a| (1.0 / a).sqrt());
+        let sqrt_recipm1_alphas_cumprod = of(&|a| (1.0 / a - 1.0).sqrt());
+        let log_betas: Vec<f64> = betas.iter().map(|b| b.ln()).collect();
+        let log_variance_large = (0..n)
+            .map(|i| {
+                if i == 0 {
+                    posterior_variance[1.min(n - 1)].ln()
+                } else {
+                    log_betas[i]
+                }
+            })
+            .collect();
         Process {
             variance,
             timestep_map: keep.to_vec(),
             betas,
             alphas_cumprod,
             alphas_cumprod_prev,
-            posterior_variance,
             posterior_log_variance_clipped,
             posterior_mean_coef1,
             posterior_mean_coef2,
+            sqrt_alphas_cumprod,
+            sqrt_one_minus_alphas_cumprod,
+            sqrt_recip_alphas_cumprod,
+            sqrt_recipm1_alphas_cumprod,
+            log_betas,
+            log_variance_large,
         }
     }
 
@@ -238,15 +266,10 @@ impl Process {
         v
     }
 
-    fn map(&self, f: impl Fn(usize) -> f64) -> Vec<f64> {
-        (0..self.betas.len()).map(f).collect()
-    }
-
     /// `q_sample`: `√ᾱ_t x_0 + √(1 − ᾱ_t) ε`.
     pub fn q_sample(&self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Tensor {
-        let a = self.map(|i| self.alphas_cumprod[i].sqrt());
-        let b = self.map(|i| (1.0 - self.alphas_cumprod[i]).sqrt());
-        Self::extract(&a, t, x0) * x0 + Self::extract(&b, t, x0) * noise
+        Self::extract(&self.sqrt_alphas_cumprod, t, x0) * x0
+            + Self::extract(&self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
     }
 
     /// `q_posterior_mean_variance`: the mean and clipped log-variance of
@@ -262,9 +285,8 @@ impl Process {
 
     /// `_predict_xstart_from_eps`.
     fn predict_xstart(&self, xt: &Tensor, t: &Tensor, eps: &Tensor) -> Tensor {
-        let a = self.map(|i| (1.0 / self.alphas_cumprod[i]).sqrt());
-        let b = self.map(|i| (1.0 / self.alphas_cumprod[i] - 1.0).sqrt());
-        Self::extract(&a, t, xt) * xt - Self::extract(&b, t, xt) * eps
+        Self::extract(&self.sqrt_recip_alphas_cumprod, t, xt) * xt
+            - Self::extract(&self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
     }
 
     /// Splits a model output into ε and the variance channels (`None` for
@@ -298,20 +320,11 @@ impl Process {
         let log_variance = match v {
             Some(v) => {
                 let min_log = Self::extract(&self.posterior_log_variance_clipped, t, x);
-                let max_log = Self::extract(&self.map(|i| self.betas[i].ln()), t, x);
+                let max_log = Self::extract(&self.log_betas, t, x);
                 let frac = (v + 1.0) / 2.0;
                 &frac * max_log + (frac.neg() + 1.0) * min_log
             }
-            None => {
-                let large = self.map(|i| {
-                    if i == 0 {
-                        self.posterior_variance[1.min(self.betas.len() - 1)].ln()
-                    } else {
-                        self.betas[i].ln()
-                    }
-                });
-                Self::extract(&large, t, x) + x.zeros_like()
-            }
+            None => Self::extract(&self.log_variance_large, t, x) + x.zeros_like(),
         };
         let x0 = self.predict_xstart(x, t, &eps);
         let x0 = if clip { x0.clamp(-1.0, 1.0) } else { x0 };
@@ -374,9 +387,8 @@ impl Process {
         clip: bool,
     ) -> Tensor {
         let (_, _, x0) = self.p_mean_variance(out, x, t, clip);
-        let a = self.map(|i| (1.0 / self.alphas_cumprod[i]).sqrt());
-        let b = self.map(|i| (1.0 / self.alphas_cumprod[i] - 1.0).sqrt());
-        let eps = (Self::extract(&a, t, x) * x - &x0) / Self::extract(&b, t, x);
+        let eps = (Self::extract(&self.sqrt_recip_alphas_cumprod, t, x) * x - &x0)
+            / Self::extract(&self.sqrt_recipm1_alphas_cumprod, t, x);
         let abar = Self::extract(&self.alphas_cumprod, t, x);
         let abar_prev = Self::extract(&self.alphas_cumprod_prev, t, x);
         let sigma = ((abar_prev.neg() + 1.0) / (abar.neg() + 1.0)).sqrt()
