@@ -97,7 +97,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
         );
     }
     let vae = Vae::load(&vae_path, &spec, device)?;
-    let digest = weights::identify(&weights::read(&vae_path)?, &vae_path)?;
+    let digest = vae.digest.clone();
     let mut plans = Vec::new();
     for (part, ds) in &parts {
         let index = LatentIndex {
@@ -121,12 +121,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
                 .display()
                 .to_string(),
             vae_digest: digest.clone(),
-            vae_spec: serde_json::json!({
-                "in_channels": spec.in_channels, "out_channels": spec.out_channels,
-                "block_out": spec.block_out, "layers_per_block": spec.layers_per_block,
-                "latent_channels": spec.latent_channels, "groups": spec.groups,
-                "scaling_factor": spec.scaling_factor,
-            }),
+            vae_spec: serde_json::to_value(&spec)?,
         };
         let dir = out.join(latents::part_dir(*part));
         let done = match latents::read_index(&dir) {
@@ -166,7 +161,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for k in (comm.rank()..index.shards()).step_by(comm.size()) {
             let path = dir.join(latents::shard_file(k));
-            let n = index.shard_size.min(index.samples - k * index.shard_size);
+            let n = index.shard_len(k);
             let complete = latents::read_shard(&path, n, index.floats_per_sample())
                 .is_ok_and(|layout| layout.key == index.key());
             if !complete {

@@ -209,18 +209,12 @@ pub fn latent_decoder(plan: &RunPlan, device: Device) -> Result<Option<(Vae, [i6
     }
     let dir = plan.data.root.join("train");
     let index = crate::data::latents::read_index(&dir)?;
-    let spec: VaeSpec = VaeSpec {
-        in_channels: index.vae_spec["in_channels"].as_i64().unwrap_or(3),
-        out_channels: index.vae_spec["out_channels"].as_i64().unwrap_or(3),
-        block_out: index.vae_spec["block_out"]
-            .as_array()
-            .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
-            .unwrap_or_default(),
-        layers_per_block: index.vae_spec["layers_per_block"].as_i64().unwrap_or(0),
-        latent_channels: index.latent_channels as i64,
-        groups: index.vae_spec["groups"].as_i64().unwrap_or(0),
-        scaling_factor: index.scaling_factor,
-    };
+    let spec: VaeSpec = serde_json::from_value(index.vae_spec.clone()).with_context(|| {
+        format!(
+            "{}: its vae_spec is not a VAE's shape",
+            dir.join(crate::data::latents::INDEX_FILE).display()
+        )
+    })?;
     let path = PathBuf::from(&index.vae_file);
     let digest = weights::identify(&weights::read(&path)?, &path)?;
     if digest != index.vae_digest {

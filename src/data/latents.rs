@@ -70,7 +70,7 @@ pub struct LatentIndex {
     /// The VAE weights file and the digest of its bytes.
     pub vae_file: String,
     pub vae_digest: String,
-    /// The VAE's shape, as JSON (`VaeSpec`'s fields).
+    /// The VAE's shape (`VaeSpec`, serialised).
     pub vae_spec: serde_json::Value,
 }
 
@@ -90,6 +90,11 @@ impl LatentIndex {
 
     pub fn shards(&self) -> usize {
         self.samples.div_ceil(self.shard_size.max(1))
+    }
+
+    /// Samples in shard `k` (the last may hold fewer).
+    pub fn shard_len(&self, k: usize) -> usize {
+        self.shard_size.min(self.samples - k * self.shard_size)
     }
 
     /// Floats per sample: both mirrors' mean and log-variance.
@@ -175,7 +180,8 @@ pub fn read_shard(path: &Path, n: usize, floats: usize) -> Result<ShardLayout, D
             _ => Err(bad(format!("{name} has no data offsets"))),
         }
     };
-    let (moments_offset, moments_end) = entry("moments", "F32", &moments_shape(n, floats))?;
+    // Stored flat: [n, floats], each row [2, 2L, h, w] row-major.
+    let (moments_offset, moments_end) = entry("moments", "F32", &[n, floats])?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     if moments_end > size {
         return Err(bad(format!(
@@ -209,12 +215,6 @@ pub fn read_shard(path: &Path, n: usize, floats: usize) -> Result<ShardLayout, D
     })
 }
 
-/// The `moments` shape of `n` samples of `floats` floats: `[n, floats]`
-/// as stored flat per sample (`[2, 2L, h, w]` row-major).
-pub fn moments_shape(n: usize, floats: usize) -> Vec<usize> {
-    vec![n, floats]
-}
-
 /// Where sample `i` of a latent dataset lives.
 #[derive(Clone, Debug)]
 pub struct Member {
@@ -244,7 +244,7 @@ pub fn open(root: &Path) -> Result<Opened, DataError> {
     let mut ids = Vec::with_capacity(index.samples);
     for k in 0..index.shards() {
         let path = root.join(shard_file(k));
-        let n = index.shard_size.min(index.samples - k * index.shard_size);
+        let n = index.shard_len(k);
         let layout = read_shard(&path, n, floats)?;
         if layout.key != key {
             return Err(DataError::file(

@@ -60,7 +60,7 @@ const LOGVAR_RANGE: (f64, f64) = (-30.0, 20.0);
 
 /// An `AutoencoderKL`'s shape (its config's keys, `DownEncoderBlock2D` /
 /// `UpDecoderBlock2D` levels).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VaeSpec {
     pub in_channels: i64,
     pub out_channels: i64,
@@ -427,6 +427,8 @@ impl SdVae {
 pub struct Vae {
     vs: nn::VarStore,
     pub net: SdVae,
+    /// The weights file's [`weights::identify`] digest.
+    pub digest: String,
 }
 
 impl std::fmt::Debug for Vae {
@@ -455,6 +457,7 @@ impl Vae {
             );
         }
         let bytes = weights::read(path)?;
+        let digest = weights::identify(&bytes, path)?;
         let (tensors, _) = weights::parse(&bytes, path).with_context(|| {
             format!(
                 "{} is not an AutoencoderKL state_dict as safetensors ({EXPORT_HINT})",
@@ -469,7 +472,7 @@ impl Vae {
         let net = SdVae::new(&vs.root(), spec);
         weights::copy_into(&vs, &tensors, path)?;
         vs.freeze();
-        Ok(Vae { vs, net })
+        Ok(Vae { vs, net, digest })
     }
 
     pub fn device(&self) -> Device {
