@@ -66,25 +66,7 @@ pub struct Process {
 /// `1e-4 · 1000/T` to `0.02 · 1000/T`, float64.
 pub fn linear_betas(steps: i64) -> Vec<f64> {
     let scale = 1000.0 / steps as f64;
-    linspace(scale * 1e-4, scale * 0.02, steps)
-}
-
-/// numpy's `linspace(start, end, n)` in float64 (`start + i · step`, the
-/// last value exactly `end`).
-pub fn linspace(start: f64, end: f64, n: i64) -> Vec<f64> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (n - 1) as f64;
-    (0..n)
-        .map(|i| {
-            if i == n - 1 {
-                end
-            } else {
-                start + i as f64 * step
-            }
-        })
-        .collect()
+    super::schedule::linspace(scale * 1e-4, scale * 0.02, steps)
 }
 
 /// ADM's `space_timesteps(T, spec)`: `spec` is comma-separated step counts,

@@ -23,27 +23,36 @@ pub struct Schedule {
     pub adm: Option<adm::Process>,
 }
 
+/// numpy's `linspace(start, end, n)` in float64: `start + i · step`,
+/// `step = (end − start)/(n − 1)`, the last value exactly `end`.
+pub fn linspace(start: f64, end: f64, n: i64) -> Vec<f64> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f64;
+    (0..n)
+        .map(|i| {
+            if i == n - 1 {
+                end
+            } else {
+                start + i as f64 * step
+            }
+        })
+        .collect()
+}
+
 impl Schedule {
     /// `kind` from `start` to `end` over `steps` timesteps, on `device`,
     /// for the DDPM release's process.
     pub fn new(kind: BetaSchedule, start: f64, end: f64, steps: i64, device: Device) -> Self {
-        let n = steps as usize;
-        let at = |i: usize| {
-            if n == 1 {
-                0.0
-            } else {
-                i as f64 / (n - 1) as f64
-            }
+        // np.linspace, as both releases lay β out (`get_beta_schedule`).
+        let betas: Vec<f64> = match kind {
+            BetaSchedule::Linear => linspace(start, end, steps),
+            BetaSchedule::Quad => linspace(start.sqrt(), end.sqrt(), steps)
+                .into_iter()
+                .map(|s| s * s)
+                .collect(),
         };
-        let betas: Vec<f64> = (0..n)
-            .map(|i| match kind {
-                BetaSchedule::Linear => start + (end - start) * at(i),
-                BetaSchedule::Quad => {
-                    let s = start.sqrt() + (end.sqrt() - start.sqrt()) * at(i);
-                    s * s
-                }
-            })
-            .collect();
         let betas64 = betas;
         let betas = Tensor::from_slice(&betas64)
             .to_kind(Kind::Float)
@@ -152,5 +161,7 @@ mod tests {
         // ᾱ_T of the linear schedule is about 4.0e-5 (Ho et al. 2020).
         assert!((a[999] - 4.04e-5).abs() < 1e-6, "{}", a[999]);
         assert!(a.windows(2).all(|w| w[1] < w[0]));
+        // The float64 layout is np.linspace's, which ADM's tables start from.
+        assert_eq!(s.betas64, super::super::adm::linear_betas(1000));
     }
 }
