@@ -9,6 +9,12 @@ v, which saves the heads x T x T probabilities; a fused kernel (PyTorch's
 SDPA on a GPU, sfron's libtorch call) saves O(T) per head instead, so the
 figure is an upper bound there.
 
+With activation checkpointing of the blocks (sfron's device.recompute) the
+step keeps each block's input and, while one block is recomputed in the
+backward pass, that block's saved tensors: counted the same way, as the
+tensors saved outside the blocks (which run without a graph), plus the
+blocks' inputs, plus one block's saved tensors.
+
   python launch/dit_memory.py [MODEL]     (default DiT-XL/2)
 Prints one JSON line per precision."""
 
@@ -29,7 +35,8 @@ SIZES = {"DiT-XL/2": (28, 1152, 16, 2), "DiT-L/2": (24, 1024, 16, 2), "DiT-B/2":
          "DiT-S/2": (12, 384, 6, 2)}
 
 
-def saved_bytes(model, x, t, y, autocast):
+def counted(f):
+    """The value of f() and the bytes autograd saved while it ran."""
     seen, total = set(), [0]
 
     def pack(tensor):
@@ -40,10 +47,38 @@ def saved_bytes(model, x, t, y, autocast):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(x, t, y)
-    del out
-    return total[0]
+        out = f()
+    return out, total[0]
+
+
+def saved_bytes(model, x, t, y, autocast):
+    """Saved bytes of one forward pass keeping every activation."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return counted(lambda: model(x, t, y))[1]
+
+
+def recompute_saved_bytes(model, x, t, y, autocast):
+    """Saved bytes of a forward pass whose blocks run without a graph (sfron's
+    device.recompute), plus the blocks' inputs kept for the recomputation,
+    plus the largest single block's saved tensors (the recomputation holds
+    one at a time)."""
+    leaf = lambda v: v.detach().requires_grad_()
+    inputs = []
+
+    def outside():
+        h = model.x_embedder(x) + model.pos_embed
+        c = model.t_embedder(t) + model.y_embedder(y, model.training)
+        with torch.no_grad():
+            for block in model.blocks:
+                inputs.append(h)
+                h = block(h, c)
+        return model.final_layer(leaf(h), leaf(c)), c
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        (_, c), kept = counted(outside)
+        kept += sum(h.untyped_storage().nbytes() for h in inputs)
+        block = max(counted(lambda: b(leaf(h), leaf(c)))[1] for b, h in zip(model.blocks, inputs))
+    return kept + block
 
 
 def main():
@@ -54,14 +89,17 @@ def main():
                        "class_dropout_prob": 0.1, "mlp_ratio": 4.0}).train()
     params = sum(p.numel() for p in model.parameters())
     for autocast in (False, True):
-        per = []
+        per, rec = [], []
         for n in (1, 2):
             x = torch.randn(n, 4, 32, 32)
             t = torch.randint(0, 1000, (n,)).float()
             y = torch.randint(0, 1000, (n,))
             per.append(saved_bytes(model, x, t, y, autocast))
+            rec.append(recompute_saved_bytes(model, x, t, y, autocast))
         print(json.dumps({"model": name, "parameters": params, "precision": "bf16" if autocast else "fp32",
-                          "saved_bytes_per_sample": per[1] - per[0], "saved_bytes_fixed": 2 * per[0] - per[1]}))
+                          "saved_bytes_per_sample": per[1] - per[0], "saved_bytes_fixed": 2 * per[0] - per[1],
+                          "recompute_saved_bytes_per_sample": rec[1] - rec[0],
+                          "recompute_saved_bytes_fixed": 2 * rec[0] - rec[1]}))
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ fn launch_bench_ddpm_times_both_steps_on_both_sides() {
 }
 
 /// `launch/bench-dit` at a tiny batch: both sides time a training step and
-/// the table row is printed.
+/// the table row is printed; the recompute rows measure both settings.
 #[test]
 fn launch_bench_dit_times_a_training_step_on_both_sides() {
     let dir = support::temp_dir("bench-dit");
@@ -151,16 +151,25 @@ fn launch_bench_dit_times_a_training_step_on_both_sides() {
         ("ITERATIONS", "1"),
         ("WARMUP", "1"),
         ("ROUNDS", "1"),
+        ("RECOMPUTE_BATCH", "2"),
     ];
     let (rows, out) = run_step_bench("bench-dit", &envs, &dir, "dit");
-    for side in ["sfron", "pytorch"] {
+    for (side, what) in [
+        ("sfron", "train"),
+        ("pytorch", "train"),
+        ("sfron", "keep"),
+        ("sfron", "recompute"),
+    ] {
         let r = rows
             .iter()
-            .find(|r| r["side"] == side && r["what"] == "train")
-            .unwrap_or_else(|| panic!("no {side} row in {rows:?}"));
+            .find(|r| r["side"] == side && r["what"] == what)
+            .unwrap_or_else(|| panic!("no {side} {what} row in {rows:?}"));
         assert!(r["ms"].as_f64().unwrap() > 0.0, "{r}");
     }
+    let peak = |what: &str| rows.iter().find(|r| r["what"] == what).unwrap()["peak_mib"].as_f64();
+    assert!(peak("keep").unwrap() > 0.0 && peak("recompute").unwrap() > 0.0);
     assert!(out.contains("| training step |"), "{out}");
+    assert!(out.contains("| recompute / kept |"), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

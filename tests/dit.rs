@@ -385,6 +385,18 @@ fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
         loss.is_finite() && loss > 0.5 && loss < 50.0,
         "first loss {loss}"
     );
+    // Activation checkpointing (device.recompute): the same training, its
+    // gradients equal up to the conditioning's reassociation (≤ 4 (depth +
+    // 1) u relative, recomputed_blocks_give_the_gradients_of_the_kept_graph),
+    // which moves each AdamW update by about twice that fraction of the
+    // learning rate: after 4 steps far below 1e-6 of the weights' norm.
+    let mut sets = base("train-recompute");
+    sets.push("device.recompute=true".into());
+    let o = support::sfron(&sets, &["train"]);
+    assert!(o.status.success(), "{}", support::text(&o));
+    let recomputed = dir.join("runs/train-recompute/model.safetensors");
+    let d = support::relative_l2_difference(&run.join("model.safetensors"), &recomputed, "");
+    assert!(d <= 1e-6, "recomputed blocks moved the weights by {d:e}");
     let from = run.display().to_string();
     for (name, method) in [("sample-ddpm", "ddpm"), ("sample-ddim", "ddim")] {
         let mut sets = base(name);
@@ -500,6 +512,11 @@ fn a_small_dit_trains_samples_and_unlearns_and_bad_dit_settings_are_refused() {
             "null-class",
             vec!["diffusion.cond_drop=0"],
             "diffusion.cond_drop",
+        ),
+        (
+            "recompute-cnn",
+            vec!["model.arch=mnist_cnn", "device.recompute=true"],
+            "device.recompute",
         ),
     ];
     for (name, extra, needle) in cases {
@@ -627,5 +644,105 @@ fn a_dit_study_reports_ema_and_raw_rows() {
         .unwrap();
         let want = if name.ends_with("raw") { "raw" } else { "ema" };
         assert_eq!(e["weights"], want, "{name}");
+    }
+}
+
+/// `loss` of two forward passes of `dit` (one with class dropout), as a
+/// step that accumulates two batches does, under bf16 autocast when
+/// `bf16`; its value and gradients, with (`recompute`) or without
+/// activation checkpointing, and how many trunks were deferred.
+fn loss_and_gradients(
+    dit: &mut Dit,
+    params: &[Tensor],
+    recompute: bool,
+    bf16: bool,
+) -> (f64, Vec<Tensor>, usize) {
+    use sfron::model::layout::Autocast;
+    use sfron::model::recompute::Recompute;
+    let queue = Recompute::default();
+    dit.set_recompute(recompute.then(|| queue.clone()), bf16);
+    queue.attach();
+    let draw = |seed: i64, shape: &[i64]| {
+        tch::manual_seed(seed);
+        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    };
+    let x = draw(11, &[4, 4, 8, 8]);
+    let target = draw(12, &[4, 8, 8, 8]);
+    let t = Tensor::from_slice(&[3.0f32, 250.0, 999.0, 0.0]);
+    let y = Tensor::from_slice(&[0i64, 7, 3, 9]);
+    let drop = Tensor::from_slice(&[true, false, false, true]);
+    let loss = {
+        let _autocast = bf16.then(|| Autocast::bf16(Device::Cpu).unwrap());
+        let first = dit.forward(&x, &t, &y, Some(&drop)).to_kind(Kind::Float);
+        let second = dit
+            .forward(&(&x * 0.5), &(&t + 1.0), &y, None)
+            .to_kind(Kind::Float);
+        (first - target).square().sum(Kind::Float) + second.narrow(1, 0, 4).sin().sum(Kind::Float)
+    };
+    let deferred = queue.pending();
+    let value = loss.double_value(&[]);
+    (value, queue.backward(&loss, params), deferred)
+}
+
+/// Activation checkpointing moves where the backward pass finds the
+/// activations, not the gradients: the recomputed blocks run the same
+/// kernels on the same inputs, so every gradient is the kept graph's except
+/// through the conditioning, which feeds `depth + 1` layers and whose
+/// gradient sums their terms, possibly in another order: float32
+/// reassociation of `depth + 1` terms, then carried through the timestep
+/// MLP and the class table: per tensor, norm-wise, `4 (depth + 1) u`
+/// (u = 2⁻²⁴, κ = 4 for cancellation among the terms). Under bf16
+/// autocast one more rounding: within one autocast region the kept graph
+/// casts each weight to bf16 once (autocast's cache), so the gradients of
+/// the two forward passes meet and are summed in bf16, while each
+/// recomputation is its own region and they are summed in float32: one
+/// bf16 rounding of a two-term sum, `4 · 2⁻⁸` (κ = 4). A block left out of
+/// the recomputation, a block recomputed with the wrong input or without
+/// autocast, or a lost conditioning gradient is off by order 1.
+#[test]
+fn recomputed_blocks_give_the_gradients_of_the_kept_graph() {
+    let spec = DitSpec {
+        depth: 3,
+        hidden: 32,
+        heads: 2,
+        ..specs()[0].clone()
+    };
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut dit = Dit::new(&vs.root(), &spec);
+    // adaLN-Zero and the final layer start at zero, where most gradients
+    // vanish: move every trained weight off its initialisation.
+    tch::no_grad(|| {
+        for mut v in vs.trainable_variables() {
+            v += v.randn_like() * 0.1;
+        }
+    });
+    let params = vs.trainable_variables();
+    for bf16 in [false, true] {
+        let (kept_loss, kept, none) = loss_and_gradients(&mut dit, &params, false, bf16);
+        let (loss, recomputed, deferred) = loss_and_gradients(&mut dit, &params, true, bf16);
+        assert_eq!((none, deferred), (0, 2), "one trunk per forward pass");
+        assert_eq!(
+            loss, kept_loss,
+            "bf16 {bf16}: the forward pass computes the same"
+        );
+        let bf16_rounding = if bf16 { 4.0 * 2f64.powi(-8) } else { 0.0 };
+        let tol = 4.0 * (spec.depth + 1) as f64 * 2f64.powi(-24) + bf16_rounding;
+        let mut reached = 0;
+        for (i, (a, b)) in kept.iter().zip(&recomputed).enumerate() {
+            assert_eq!(a.defined(), b.defined(), "parameter {i}");
+            if !a.defined() {
+                continue;
+            }
+            reached += 1;
+            let d = norm(&(b - a));
+            assert!(
+                d <= tol * norm(a),
+                "bf16 {bf16}, parameter {i} {:?}: |Δ| {d:e} against |g| {:e}",
+                a.size(),
+                norm(a)
+            );
+        }
+        assert_eq!(reached, params.len(), "every parameter gets a gradient");
     }
 }

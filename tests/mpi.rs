@@ -1544,7 +1544,10 @@ fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         // The loop from the same Fisher (its mask may flip entries near γ
         // whichever way the sums round): the 2-rank run on a copy of it.
         let cache = root.join(format!("{method}-fisher.safetensors"));
-        let mut more = Vec::new();
+        // The 2-rank run also recomputes the blocks (device.recompute): its
+        // gradients are the kept graph's up to reassociation (tests/dit.rs),
+        // so it must still give 1 rank's weights.
+        let mut more = vec!["device.recompute=true"];
         let cache_set = format!("sfron.fisher_cache={}", cache.display());
         if method == "sfron" {
             std::fs::copy(a.join("fisher.safetensors"), &cache).unwrap();
@@ -1563,7 +1566,12 @@ fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         let mut fisher_note = String::new();
         if method == "sfron" && o2.code == Some(0) {
             // The Fisher itself, reduced over 2 ranks.
-            let o3 = unlearn(2, "sfron-np2-fisher", "sfron", &["sfron.iterations=1"]);
+            let o3 = unlearn(
+                2,
+                "sfron-np2-fisher",
+                "sfron",
+                &["sfron.iterations=1", "device.recompute=true"],
+            );
             let fb = run_dir(&root_s, "sfron-np2-fisher").join("fisher.safetensors");
             let fa = a.join("fisher.safetensors");
             let fisher = if o3.code == Some(0) {

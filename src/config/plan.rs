@@ -47,6 +47,8 @@ pub struct RunPlan {
     pub device: DeviceKind,
     pub precision: Precision,
     pub channels_last: bool,
+    /// `device.recompute` (a DiT only; checked).
+    pub recompute: bool,
     pub comm: CommSection,
     /// Libtorch CPU threads for this rank (derived when `device.threads = 0`).
     pub threads: usize,
@@ -74,11 +76,13 @@ pub struct RunPlan {
 }
 
 impl RunPlan {
-    /// How models compute (`device.precision`, `device.channels_last`).
+    /// How models compute (`device.precision`, `device.channels_last`,
+    /// `device.recompute`).
     pub fn compute(&self) -> crate::model::Compute {
         crate::model::Compute {
             precision: self.precision,
             channels_last: self.channels_last,
+            recompute: self.recompute,
         }
     }
 
@@ -144,6 +148,16 @@ impl RunPlan {
         let data = data_plan(&config)?;
         let model = model_plan(&config, &data)?;
         let diffusion = diffusion_plan(&config, &model)?;
+        if raw.device.recompute && !matches!(model.arch, Arch::Dit(_)) {
+            return Err(config.key_error(
+                "device.recompute",
+                format!(
+                    "{} has no blocks to recompute: activation checkpointing is for \
+                     model.arch = \"dit\"",
+                    model.arch.name()
+                ),
+            ));
+        }
         sample_checks(&config, &diffusion)?;
         diffusion_rl_checks(&config)?;
         sa_checks(&config)?;
@@ -195,6 +209,7 @@ impl RunPlan {
             device: raw.device.kind,
             precision: raw.device.precision,
             channels_last: raw.device.channels_last,
+            recompute: raw.device.recompute,
             comm: raw.comm.clone(),
             threads,
             log: raw.log.clone(),

@@ -122,6 +122,11 @@ pub struct DeviceSection {
     /// Images and convolution weights in channels-last (NHWC) memory
     /// layout, which tensor cores and oneDNN prefer.
     pub channels_last: bool,
+    /// Activation checkpointing of a DiT's blocks: training keeps each
+    /// block's input only and recomputes the block in the backward pass
+    /// (about a third more compute per step, a small fraction of the
+    /// activation memory). The same gradients up to float reassociation.
+    pub recompute: bool,
 }
 
 impl Default for DeviceSection {
@@ -131,6 +136,7 @@ impl Default for DeviceSection {
             threads: 0,
             precision: Precision::Fp32,
             channels_last: false,
+            recompute: false,
         }
     }
 }

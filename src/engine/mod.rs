@@ -39,6 +39,7 @@ use crate::config::raw::{BatchNormMode, CommSection};
 use crate::data::Batch;
 use crate::model::Model;
 use crate::model::norm::{NormSync, StatSum};
+use crate::model::recompute::{self, Recompute};
 pub use optim::Optimizer;
 
 /// Slots after the gradient in the flat buffer.
@@ -166,6 +167,9 @@ pub struct Engine<'a> {
     /// The model's BatchNorm sync while it is global (cleared on drop), and
     /// the count and bytes of its sums so far.
     global_norm: Option<(NormSync, std::sync::Arc<SumCounts>)>,
+    /// The model's queue of deferred trunks, attached while the engine
+    /// lives (detached on drop).
+    recompute: Recompute,
 }
 
 /// Global BatchNorm's sums so far: calls and bytes.
@@ -180,6 +184,7 @@ impl Drop for Engine<'_> {
         if let Some((norm, _)) = &self.global_norm {
             norm.set(None);
         }
+        self.recompute.detach();
     }
 }
 
@@ -266,6 +271,8 @@ impl<'a> Engine<'a> {
             reduction.gpu_plane,
         )?;
         let global_norm = global_batchnorm(comm, model, batchnorm, &buffers, &reducer);
+        let recompute = model.recompute_queue().clone();
+        recompute.attach();
         Ok(Engine {
             comm,
             names,
@@ -284,6 +291,7 @@ impl<'a> Engine<'a> {
             stop,
             comm_seconds: 0.0,
             global_norm,
+            recompute,
         })
     }
 
@@ -321,8 +329,10 @@ impl<'a> Engine<'a> {
     }
 
     /// Forgets this rank's gradients (before a backward pass).
+    /// Trunks deferred by forward passes never back-propagated are dropped.
     pub fn zero_grad(&mut self) {
         self.local_grads.clear();
+        self.recompute.clear();
     }
 
     /// Back-propagates `loss` into this rank's gradients of the parameters.
@@ -332,21 +342,16 @@ impl<'a> Engine<'a> {
     /// pass and no `grad += g` pass per step, which is what PyTorch's
     /// `zero_grad(set_to_none=True)` saves (about 12% of a ResNet-18 step
     /// on one CPU thread). A second call before [`Engine::zero_grad`] adds.
+    ///
+    /// Trunks the model's forward passes deferred (activation checkpointing,
+    /// [`crate::model::recompute`]) are recomputed here.
     pub fn backward(&mut self, loss: &Tensor) {
-        let fresh = Tensor::run_backward(&[loss], &self.params, false, false);
+        let fresh = self.recompute.backward(loss, &self.params);
         if self.local_grads.is_empty() {
             self.local_grads = fresh;
             return;
         }
-        tch::no_grad(|| {
-            for (have, new) in self.local_grads.iter_mut().zip(fresh) {
-                match (have.defined(), new.defined()) {
-                    (true, true) => *have = &*have + new,
-                    (false, true) => *have = new,
-                    _ => {}
-                }
-            }
-        });
+        recompute::add_into(&mut self.local_grads, fresh);
     }
 
     /// This rank's gradient of parameter `i` from the backward passes since

@@ -49,7 +49,10 @@
 //! loading a `.pt` checkpoint directly.
 
 use tch::nn;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+use super::layout::Autocast;
+use super::recompute::{self, Deferred, Recompute};
 
 /// The reference's `frequency_embedding_size` of the timestep embedder.
 pub const FREQUENCY_EMBEDDING: i64 = 256;
@@ -327,7 +330,28 @@ struct Block {
     heads: i64,
 }
 
+/// A second handle on a Linear's tensors (the same storage).
+fn share(l: &nn::Linear) -> nn::Linear {
+    nn::Linear {
+        ws: l.ws.shallow_clone(),
+        bs: l.bs.as_ref().map(Tensor::shallow_clone),
+    }
+}
+
 impl Block {
+    /// A second handle on the block's parameters (the same storage), for a
+    /// recomputation that outlives the borrow of the network.
+    fn share(&self) -> Block {
+        Block {
+            qkv: share(&self.qkv),
+            proj: share(&self.proj),
+            fc1: share(&self.fc1),
+            fc2: share(&self.fc2),
+            ada: share(&self.ada),
+            heads: self.heads,
+        }
+    }
+
     fn new(p: &nn::Path, spec: &DitSpec) -> Self {
         let (d, m) = (spec.hidden, spec.mlp_hidden());
         let attn = p / "attn";
@@ -384,6 +408,22 @@ pub struct Dit {
     blocks: Vec<Block>,
     final_ada: nn::Linear,
     final_linear: nn::Linear,
+    /// Recompute the blocks in the backward pass ([`Dit::set_recompute`]).
+    recompute: Option<Checkpointing>,
+}
+
+/// How the blocks are recomputed: the queue the engine drains, and whether
+/// the forward pass ran under bf16 autocast (the recomputation must too).
+#[derive(Clone)]
+struct Checkpointing {
+    queue: Recompute,
+    bf16: bool,
+}
+
+impl std::fmt::Debug for Checkpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Checkpointing(bf16: {})", self.bf16)
+    }
 }
 
 impl Dit {
@@ -461,7 +501,17 @@ impl Dit {
             blocks,
             final_ada: nn::linear(&f / "adaLN_modulation" / 1, d, 2 * d, zero()),
             final_linear: nn::linear(&f / "linear", d, out, zero()),
+            recompute: None,
         }
+    }
+
+    /// Activation checkpointing of the blocks ([`super::recompute`]):
+    /// while an engine has attached `queue`, a forward pass in grad mode
+    /// keeps only each block's input and the engine's backward pass
+    /// recomputes the blocks (under bf16 autocast when `bf16`, as the
+    /// forward pass ran). `None`: every activation is kept.
+    pub fn set_recompute(&mut self, queue: Option<Recompute>, bf16: bool) {
+        self.recompute = queue.map(|queue| Checkpointing { queue, bf16 });
     }
 
     pub fn spec(&self) -> &DitSpec {
@@ -511,13 +561,49 @@ impl Dit {
     pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor, drop: Option<&Tensor>) -> Tensor {
         let x = x.apply(&self.patch_embed).flatten(2, -1).transpose(1, 2) + &self.pos_embed;
         let c = self.condition(t, y, drop);
-        let mut x = x;
-        for block in &self.blocks {
-            x = block.forward(&x, &c);
-        }
+        let deferring = self.recompute.as_ref().filter(|r| r.queue.is_attached());
+        let (x, c) = match deferring {
+            Some(r) if x.requires_grad() => self.trunk_deferred(r, x, c),
+            _ => {
+                let mut x = x;
+                for block in &self.blocks {
+                    x = block.forward(&x, &c);
+                }
+                (x, c)
+            }
+        };
         let m = c.silu().apply(&self.final_ada).chunk(2, 1);
         let x = modulate(&layer_norm(&x), &m[0], &m[1]).apply(&self.final_linear);
         self.unpatchify(&x)
+    }
+
+    /// The blocks on `x` and `c` (the embedded tokens and the conditioning,
+    /// with their graph) without keeping their activations: they run from
+    /// leaves cut from `x` and `c`, the output and the conditioning come
+    /// back as leaves for the final layer, and a [`Deferred`] that
+    /// recomputes the blocks is queued on `r` (see [`super::recompute`]).
+    fn trunk_deferred(&self, r: &Checkpointing, x: Tensor, c: Tensor) -> (Tensor, Tensor) {
+        let c_leaf = recompute::leaf(&c);
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut h = x.detach();
+        tch::no_grad(|| {
+            for block in &self.blocks {
+                let next = block.forward(&h, &c_leaf);
+                inputs.push(std::mem::replace(&mut h, next));
+            }
+        });
+        let out_leaf = recompute::leaf(&h);
+        let blocks: Vec<Block> = self.blocks.iter().map(Block::share).collect();
+        let (bf16, c_kept) = (r.bf16, c_leaf.detach());
+        let device = x.device();
+        let backward = move |grads: Vec<Tensor>, params: &[Tensor]| {
+            recompute_blocks(blocks, inputs, (x, c, c_kept), grads, params, bf16, device)
+        };
+        r.queue.defer(Deferred {
+            leaves: vec![out_leaf.shallow_clone(), c_leaf.shallow_clone()],
+            backward: Box::new(backward),
+        });
+        (out_leaf, c_leaf)
     }
 
     /// The reference's `forward_with_cfg`: classifier-free guidance in one
@@ -543,4 +629,48 @@ impl Dit {
         let eps = Tensor::cat(&[&half_eps, &half_eps], 0);
         Tensor::cat(&[eps, rest], 1)
     }
+}
+
+/// The backward pass of a deferred trunk: `grads` are the loss's gradients
+/// of the trunk's output and of the conditioning leaf (from the final
+/// layer); each block, last first, is recomputed from its kept input with
+/// a graph and back-propagated (its parameters' gradients summed into the
+/// result, its input's carried down, the conditioning's summed); last, the
+/// two gradients reach the embeddings through the graph `x` and `c` kept.
+fn recompute_blocks(
+    blocks: Vec<Block>,
+    inputs: Vec<Tensor>,
+    (x, c, c_kept): (Tensor, Tensor, Tensor),
+    grads: Vec<Tensor>,
+    params: &[Tensor],
+    bf16: bool,
+    device: Device,
+) -> Vec<Tensor> {
+    let _autocast = bf16.then(|| Autocast::bf16(device).expect("checked by Model::set_compute"));
+    let [g_x, g_c]: [Tensor; 2] = grads.try_into().expect("a trunk has two leaves");
+    // A leaf the loss did not reach has no gradient: zero (the other one had).
+    let mut g_x = if g_x.defined() { g_x } else { x.zeros_like() };
+    let mut g_c = if g_c.defined() {
+        g_c
+    } else {
+        c_kept.zeros_like()
+    };
+    let mut out: Vec<Tensor> = params.iter().map(|_| Tensor::new()).collect();
+    for (block, input) in blocks.iter().zip(inputs).rev() {
+        let (h, cl) = (recompute::leaf(&input), recompute::leaf(&c_kept));
+        let y = block.forward(&h, &cl);
+        let mut g = recompute::vjp(&y, &g_x, params, &[&h, &cl]);
+        let g_cl = g.pop().unwrap();
+        g_x = g.pop().unwrap();
+        if g_cl.defined() {
+            g_c = tch::no_grad(|| &g_c + g_cl);
+        }
+        recompute::add_into(&mut out, g);
+    }
+    let scalar = (x * g_x).sum(Kind::Float) + (c * g_c).sum(Kind::Float);
+    recompute::add_into(
+        &mut out,
+        Tensor::run_backward(&[scalar], params, false, false),
+    );
+    out
 }

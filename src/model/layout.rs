@@ -138,6 +138,8 @@ impl Drop for Autocast {
 pub struct Compute {
     pub precision: Precision,
     pub channels_last: bool,
+    /// Activation checkpointing of a DiT's blocks ([`super::recompute`]).
+    pub recompute: bool,
 }
 
 impl Default for Compute {
@@ -145,6 +147,7 @@ impl Default for Compute {
         Compute {
             precision: Precision::Fp32,
             channels_last: false,
+            recompute: false,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod dit;
 pub mod inception;
 pub mod layout;
 pub mod norm;
+pub mod recompute;
 mod torch_pickle;
 pub mod unet;
 pub mod vae;
@@ -37,6 +38,9 @@ pub struct Model {
     compute: Compute,
     /// How the BatchNorm layers normalise in train mode ([`norm`]).
     norm: norm::NormSync,
+    /// The trunks a forward pass left for the backward pass to recompute
+    /// ([`recompute`]; the engine drains it).
+    recompute: recompute::Recompute,
     /// The robustness probe's relative logit noise ([`Model::set_logit_noise`]).
     noise: Option<LogitNoise>,
 }
@@ -79,6 +83,7 @@ impl Model {
             classes,
             compute: Compute::default(),
             norm,
+            recompute: recompute::Recompute::default(),
             noise: None,
         }
     }
@@ -88,6 +93,19 @@ impl Model {
     pub fn set_compute(&mut self, compute: Compute) -> Result<(), String> {
         if compute.precision == Precision::Bf16 {
             layout::autocast_available().map_err(|e| format!("device.precision: {e}"))?;
+        }
+        let bf16 = compute.precision == Precision::Bf16;
+        match &mut self.net {
+            Net::Denoiser(Denoiser::Dit(dit)) => {
+                dit.set_recompute(compute.recompute.then(|| self.recompute.clone()), bf16)
+            }
+            _ if compute.recompute => {
+                return Err(format!(
+                    "device.recompute: {} has no blocks to recompute (only a DiT's are)",
+                    self.arch.name()
+                ));
+            }
+            _ => {}
         }
         if compute.channels_last {
             tch::no_grad(|| {
@@ -110,6 +128,12 @@ impl Model {
     /// statistics (the engine sets it; see [`norm`]).
     pub fn norm_sync(&self) -> &norm::NormSync {
         &self.norm
+    }
+
+    /// The queue of trunks left for the backward pass to recompute (the
+    /// engine attaches and drains it; see [`recompute`]).
+    pub fn recompute_queue(&self) -> &recompute::Recompute {
+        &self.recompute
     }
 
     /// Whether this rank must run a forward pass over its share of a batch
