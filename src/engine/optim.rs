@@ -18,6 +18,9 @@ pub struct Optimizer {
     slots: Vec<Option<(Tensor, Option<Tensor>)>>,
     /// Steps applied (Adam's bias correction counts them).
     steps: u64,
+    /// AdamW's two temporaries, as long as the largest parameter, reused
+    /// for every parameter (not state: never saved).
+    scratch: Option<[Tensor; 2]>,
 }
 
 impl Optimizer {
@@ -26,6 +29,7 @@ impl Optimizer {
             plan,
             slots: (0..params).map(|_| None).collect(),
             steps: 0,
+            scratch: None,
         }
     }
 
@@ -82,19 +86,40 @@ impl Optimizer {
                 eps,
                 weight_decay,
             } => {
+                // PyTorch's single-tensor AdamW (its CPU default), kernel
+                // for kernel: `m.lerp_(g, 1−β₁)`,
+                // `v.mul_(β₂).addcmul_(g, g, value=1−β₂)`,
+                // `denom = (v.sqrt() / √bc₂).add_(ε)`,
+                // `p.addcdiv_(m, denom, value=−lr/bc₁)`. tch's addcmul_ and
+                // addcdiv_ take no `value`; PyTorch's kernels apply it
+                // first (`v + (value·g)·g`, `p + (value·m)/denom`), so it is
+                // folded into the first factor here, written into reused
+                // scratch: the same roundings (torch.optim.AdamW's weights,
+                // bit for bit) and no allocation per parameter.
                 let bc1 = 1.0 - b1.powi(t);
-                let bc2 = 1.0 - b2.powi(t);
+                let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+                let scratch = self.scratch.get_or_insert_with(|| {
+                    let largest = params.iter().map(Tensor::numel).max().unwrap_or(0) as i64;
+                    let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+                    [0, 1].map(|_| Tensor::empty([largest], (tch::Kind::Float, device)))
+                });
                 for ((p, g), slot) in params.iter().zip(grads).zip(&mut self.slots) {
                     let (m, v) = slot.get_or_insert_with(|| (p.zeros_like(), Some(p.zeros_like())));
                     let v = v.as_mut().expect("adam keeps two moments");
                     let mut p = p.shallow_clone();
+                    let [a, b] = scratch
+                        .each_ref()
+                        .map(|s| s.narrow(0, 0, p.numel() as i64).view(p.size().as_slice()));
                     if weight_decay != 0.0 {
                         let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
                     }
                     let _ = m.lerp_(g, 1.0 - b1);
-                    let _ = v.g_mul_scalar_(b2).g_add_(&(g * g * (1.0 - b2)));
-                    let denom = v.sqrt() / bc2.sqrt() + eps;
-                    let _ = p.g_sub_(&(m.shallow_clone() / denom * (lr / bc1)));
+                    let _ = g.mul_scalar_out(&a, 1.0 - b2);
+                    let _ = v.g_mul_scalar_(b2).addcmul_(&a, g);
+                    let mut denom = v.sqrt_out(&a);
+                    let _ = denom.g_div_scalar_(bc2_sqrt).g_add_scalar_(eps);
+                    let _ = m.mul_scalar_out(&b, -lr / bc1);
+                    let _ = p.addcdiv_(&b, &denom);
                 }
             }
         });

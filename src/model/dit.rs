@@ -45,8 +45,8 @@
 //!
 //! In the zoo as `model.arch = "dit"` (`[model.dit]`), a denoiser trained
 //! and sampled with ADM's process ([`crate::diffusion::adm`]); the VAE of
-//! its latents is [`super::vae`]. Not here yet: latent datasets, and
-//! loading a `.pt` checkpoint directly.
+//! its latents is [`super::vae`]. `device.recompute` checkpoints the
+//! blocks' activations ([`Dit::set_recompute`], [`super::recompute`]).
 
 use tch::nn;
 use tch::{Device, Kind, Tensor};
