@@ -7,7 +7,8 @@
 //! `--as-needed`: nothing in our code references a CUDA symbol, so otherwise
 //! the linker drops the library and `tch::Cuda::is_available()` says false on
 //! a GPU node. We also record the libtorch version for `sfron doctor`, and
-//! compile global BatchNorm's autograd function against libtorch's headers.
+//! compile global BatchNorm's autograd function and the fused AdamW call
+//! against libtorch's headers.
 
 use std::fs;
 use std::path::Path;
@@ -16,14 +17,14 @@ fn main() {
     #[cfg(feature = "mpi")]
     build_in_place_shim();
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    // Global BatchNorm's C++ (src/model/sync_batch_norm.cpp) needs
+    // The C++ shims (global BatchNorm, fused AdamW) need
     // libtorch's headers: no build without them.
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
         "torch-sys did not report its libtorch folder (DEP_TCH_LIBTORCH_LIB): \
          run launch/setup, or set LIBTORCH to a libtorch 2.11 folder",
     );
     let lib_dir = Path::new(&lib);
-    build_sync_batch_norm(lib_dir);
+    build_libtorch_shims(lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     let has_cuda = lib_dir.join("libtorch_cuda.so").exists();
     if has_cuda {
@@ -58,10 +59,12 @@ fn build_in_place_shim() {
 }
 
 /// Compiles global BatchNorm's autograd function (src/model/sync_batch_norm.cpp)
-/// against the headers of the libtorch in `lib_dir` (`lib/../include`), with
+/// and the fused AdamW call (src/engine/fused_adamw.cpp) against the headers
+/// of the libtorch in `lib_dir` (`lib/../include`), with
 /// the C++ ABI that torch-sys builds libtch with.
-fn build_sync_batch_norm(lib_dir: &Path) {
+fn build_libtorch_shims(lib_dir: &Path) {
     println!("cargo:rerun-if-changed=src/model/sync_batch_norm.cpp");
+    println!("cargo:rerun-if-changed=src/engine/fused_adamw.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = lib_dir.join("../include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
@@ -69,11 +72,12 @@ fn build_sync_batch_norm(lib_dir: &Path) {
         .cpp(true)
         .std("c++17")
         .file("src/model/sync_batch_norm.cpp")
+        .file("src/engine/fused_adamw.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .warnings(false)
-        .compile("sfron_sync_batch_norm");
+        .compile("sfron_libtorch_shims");
 }
 
 /// The version string of the libtorch in `lib_dir`: `build-version` of a

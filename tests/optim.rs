@@ -4,13 +4,15 @@
 //! corrections).
 //!
 //! Error model: none. Both sides run the same libtorch's elementwise
-//! kernels on the same values in the same order of operations (sfron's
-//! optimizer is written kernel for kernel after PyTorch's single-tensor
-//! implementations, its CPU default), and an elementwise kernel has no
-//! reduction whose order could depend on threads or the CPU: the weights
-//! must be equal bit for bit. A rule written in another order (`g·g·(1−β₂)`
-//! for `((1−β₂)g)·g`, `s·(m/d)` for `(s·m)/d`) differs in the last bit of a
-//! fraction of the entries.
+//! kernels on the same values in the same order of operations (sfron's SGD
+//! is written kernel for kernel after PyTorch's single-tensor SGD, its
+//! AdamW calls the fused kernel of `torch.optim.AdamW(fused=True)`), and
+//! an elementwise kernel has no reduction whose order could depend on
+//! threads or the CPU: the weights must be equal bit for bit. A rule
+//! written in another order (`g·g·(1−β₂)` for `((1−β₂)g)·g`, or PyTorch's
+//! own unfused AdamW against its fused one) differs in the last bit of a
+//! fraction of the entries. The steps also run on channels-last weights
+//! (`device.channels_last`), which must not change a value.
 
 use std::collections::BTreeMap;
 
@@ -92,7 +94,7 @@ fn sgd_and_adamw_give_torch_optims_weights_bit_for_bit() {
                 weight_decay: 0.05,
             },
             serde_json::json!({"kind": "adamw", "lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8,
-                               "weight_decay": 0.05}),
+                               "weight_decay": 0.05, "fused": true}),
         ),
         (
             "adamw-dit",
@@ -102,7 +104,7 @@ fn sgd_and_adamw_give_torch_optims_weights_bit_for_bit() {
                 eps: 1e-8,
                 weight_decay: 0.0,
             },
-            serde_json::json!({"kind": "adamw", "lr": 1e-4, "weight_decay": 0.0}),
+            serde_json::json!({"kind": "adamw", "lr": 1e-4, "weight_decay": 0.0, "fused": true}),
         ),
     ];
     let spec: Vec<serde_json::Value> = cases
@@ -127,11 +129,19 @@ fn sgd_and_adamw_give_torch_optims_weights_bit_for_bit() {
     );
     let expected: BTreeMap<String, Tensor> =
         weights::load(&reference).unwrap().0.into_iter().collect();
-    for (name, lr, plan, _) in cases {
-        let mine: Vec<Tensor> = params.iter().map(Tensor::copy).collect();
-        let mut opt = Optimizer::new(plan, mine.len());
+    for ((name, lr, plan, _), channels_last) in cases.iter().flat_map(|c| [(c, false), (c, true)]) {
+        let mine: Vec<Tensor> = params
+            .iter()
+            .map(|p| match channels_last {
+                // A copy first: to_channels_last hands back 1-D and 2-D
+                // tensors as they are, storage shared.
+                true => sfron::model::layout::to_channels_last(&p.copy()),
+                false => p.copy(),
+            })
+            .collect();
+        let mut opt = Optimizer::new(plan.clone(), mine.len());
         for gs in &grads {
-            opt.step(&mine, gs, lr);
+            opt.step(&mine, gs, *lr);
         }
         for (i, p) in mine.iter().enumerate() {
             let want = &expected[&format!("{name}.{i}")];
@@ -139,7 +149,8 @@ fn sgd_and_adamw_give_torch_optims_weights_bit_for_bit() {
             assert_eq!(
                 differ,
                 0,
-                "{name}, parameter {i}: {differ} of {} entries differ from torch.optim's",
+                "{name} (channels-last {channels_last}), parameter {i}: {differ} of {} entries \
+                 differ from torch.optim's",
                 p.numel()
             );
         }

@@ -6,7 +6,10 @@
 
 use std::collections::BTreeMap;
 
+use std::ffi::{c_char, c_int};
+
 use tch::Tensor;
+use torch_sys::C_tensor;
 
 use crate::config::OptimizerPlan;
 
@@ -18,9 +21,6 @@ pub struct Optimizer {
     slots: Vec<Option<(Tensor, Option<Tensor>)>>,
     /// Steps applied (Adam's bias correction counts them).
     steps: u64,
-    /// AdamW's two temporaries, as long as the largest parameter, reused
-    /// for every parameter (not state: never saved).
-    scratch: Option<[Tensor; 2]>,
 }
 
 impl Optimizer {
@@ -29,7 +29,6 @@ impl Optimizer {
             plan,
             slots: (0..params).map(|_| None).collect(),
             steps: 0,
-            scratch: None,
         }
     }
 
@@ -42,11 +41,14 @@ impl Optimizer {
     /// - SGD: `d = g + wd·p`; `b = d` on the first step, else `b = μ·b + d`;
     ///   `d = d + μ·b` (Nesterov) or `d = b`; `p -= lr·d`.
     /// - AdamW: `p *= 1 − lr·wd`; `m = β₁m + (1−β₁)g`; `v = β₂v + (1−β₂)g²`;
-    ///   `p -= lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`.
+    ///   `p -= lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`, by libtorch's fused
+    ///   kernel over every parameter at once (`torch.optim.AdamW(fused=True)`,
+    ///   its numbers bit for bit: the unfused default rounds in another
+    ///   order, in the last bit of a fraction of the entries).
     pub fn step(&mut self, params: &[Tensor], grads: &[Tensor], lr: f64) {
         assert_eq!(params.len(), self.slots.len(), "parameter count changed");
         self.steps += 1;
-        let t = self.steps as i32;
+        let t = self.steps;
         tch::no_grad(|| match self.plan {
             OptimizerPlan::Sgd {
                 momentum,
@@ -86,40 +88,42 @@ impl Optimizer {
                 eps,
                 weight_decay,
             } => {
-                // PyTorch's single-tensor AdamW (its CPU default), kernel
-                // for kernel: `m.lerp_(g, 1−β₁)`,
-                // `v.mul_(β₂).addcmul_(g, g, value=1−β₂)`,
-                // `denom = (v.sqrt() / √bc₂).add_(ε)`,
-                // `p.addcdiv_(m, denom, value=−lr/bc₁)`. tch's addcmul_ and
-                // addcdiv_ take no `value`; PyTorch's kernels apply it
-                // first (`v + (value·g)·g`, `p + (value·m)/denom`), so it is
-                // folded into the first factor here, written into reused
-                // scratch: the same roundings (torch.optim.AdamW's weights,
-                // bit for bit) and no allocation per parameter.
-                let bc1 = 1.0 - b1.powi(t);
-                let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
-                let scratch = self.scratch.get_or_insert_with(|| {
-                    let largest = params.iter().map(Tensor::numel).max().unwrap_or(0) as i64;
-                    let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
-                    [0, 1].map(|_| Tensor::empty([largest], (tch::Kind::Float, device)))
-                });
-                for ((p, g), slot) in params.iter().zip(grads).zip(&mut self.slots) {
-                    let (m, v) = slot.get_or_insert_with(|| (p.zeros_like(), Some(p.zeros_like())));
+                let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+                // The fused kernel reads every tensor of a parameter as one
+                // flat array: the moments are kept contiguous, and a
+                // parameter in another layout (channels-last convolution
+                // weights) is stepped on a contiguous copy, copied back.
+                let mut work = Vec::with_capacity(params.len());
+                let (mut ms, mut vs) = (Vec::new(), Vec::new());
+                for (p, slot) in params.iter().zip(&mut self.slots) {
+                    let zeros = || Tensor::zeros(p.size(), (p.kind(), p.device()));
+                    let (m, v) = slot.get_or_insert_with(|| (zeros(), Some(zeros())));
                     let v = v.as_mut().expect("adam keeps two moments");
-                    let mut p = p.shallow_clone();
-                    let [a, b] = scratch
-                        .each_ref()
-                        .map(|s| s.narrow(0, 0, p.numel() as i64).view(p.size().as_slice()));
-                    if weight_decay != 0.0 {
-                        let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
+                    for moment in [&mut *m, &mut *v] {
+                        if !moment.is_contiguous() {
+                            *moment = moment.contiguous();
+                        }
                     }
-                    let _ = m.lerp_(g, 1.0 - b1);
-                    let _ = g.mul_scalar_out(&a, 1.0 - b2);
-                    let _ = v.g_mul_scalar_(b2).addcmul_(&a, g);
-                    let mut denom = v.sqrt_out(&a);
-                    let _ = denom.g_div_scalar_(bc2_sqrt).g_add_scalar_(eps);
-                    let _ = m.mul_scalar_out(&b, -lr / bc1);
-                    let _ = p.addcdiv_(&b, &denom);
+                    ms.push(m.shallow_clone());
+                    vs.push(v.shallow_clone());
+                    work.push(p.contiguous());
+                }
+                let grads: Vec<Tensor> = grads.iter().map(Tensor::contiguous).collect();
+                let step = Tensor::from(t as f32).to_device(device);
+                let hyper = AdamW {
+                    lr,
+                    beta1: b1,
+                    beta2: b2,
+                    weight_decay,
+                    eps,
+                };
+                if let Err(e) = fused_adamw(&work, &grads, &ms, &vs, &step, &hyper) {
+                    panic!("AdamW step: {e}");
+                }
+                for (p, w) in params.iter().zip(&work) {
+                    if !p.is_contiguous() {
+                        p.shallow_clone().copy_(w);
+                    }
                 }
             }
         });
@@ -177,4 +181,79 @@ impl Optimizer {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// AdamW's hyperparameters for one step.
+struct AdamW {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    weight_decay: f64,
+    eps: f64,
+}
+
+unsafe extern "C" {
+    fn sfron_fused_adamw(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        n: usize,
+        step: *const C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// One AdamW step of every parameter through libtorch's fused kernel
+/// (`at::_fused_adamw_`, src/engine/fused_adamw.cpp): `params`, `exp_avgs`
+/// and `exp_avg_sqs` updated in place, all contiguous and of one device and
+/// kind with `grads`; `step` the step count, already incremented.
+fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    step: &Tensor,
+    h: &AdamW,
+) -> Result<(), String> {
+    let n = params.len();
+    assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n);
+    let ptrs = |ts: &[Tensor]| {
+        ts.iter()
+            .map(|t| t.as_ptr() as *mut C_tensor)
+            .collect::<Vec<_>>()
+    };
+    let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
+    let mut err = [0 as c_char; 512];
+    // SAFETY: live tensors for the duration of the call; the kernel writes
+    // the parameters and moments in place (the same storages the callers hold).
+    let rc = unsafe {
+        sfron_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            n,
+            step.as_ptr(),
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: the C++ side wrote a NUL-terminated message.
+    let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+    Err(msg.to_string_lossy().into_owned())
 }
