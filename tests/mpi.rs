@@ -1422,47 +1422,160 @@ fn diffusion(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
 /// its loop from the 1-rank Fisher), GA, RL with the DiT release's
 /// relabelled loss, `sfron encode`, and the respaced sampler with the
 /// learned variance on 1 and 2 ranks give 1 rank's results.
+/// `sfron` on `np` ranks on 400 of the digits, run `name` under `root`,
+/// with the group's `model` settings then `sets` as `--set`s, then `args`,
+/// run to completion within `limit`.
+fn digits_job(
+    np: usize,
+    (root, name): (&str, &str),
+    model: &[&str],
+    sets: &[&str],
+    args: &[&str],
+    limit: Duration,
+) -> Outcome {
+    let mut cmd = sfron_on(np);
+    let common = [
+        format!("run.root={root}"),
+        format!("run.name={name}"),
+        format!("data.root={MNIST}"),
+        "data.train_limit=400".into(),
+        "data.workers=0".into(),
+        format!("device.threads={}", support::threads()),
+    ];
+    for set in common
+        .iter()
+        .map(String::as_str)
+        .chain(model.iter().copied())
+        .chain(sets.iter().copied())
+    {
+        cmd.args(["--set", set]);
+    }
+    cmd.args(args);
+    run(cmd, limit)
+}
+
+/// A small ViT (torchvision's, `[model.vit]` overrides, patch 7 on the
+/// digits): LayerNorm has no cross-rank state, so 2 ranks give 1 rank's
+/// weights in training and in SFR-on (Fisher, mask, forget and remain
+/// steps), within error_model::trajectory() of the path.
+fn vit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
+    let limit = Duration::from_secs(300);
+    let root = std::path::Path::new(run_root).join("vit");
+    let root_s = root.display().to_string();
+    let model = [
+        "model.arch=vit_b_16",
+        "model.vit.patch=7",
+        "model.vit.depth=2",
+        "model.vit.hidden=32",
+        "model.vit.heads=2",
+        "model.vit.mlp_dim=64",
+        "train.batch=32",
+        "train.lr=0.01",
+        "train.max_steps=12",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.verify_every=1",
+    ];
+    let job = |np: usize, name: &str, sets: &[&str], args: &[&str]| {
+        digits_job(np, (&root_s, name), &model, sets, args, limit)
+    };
+    let compare = |a: &str, b: &str| {
+        let (a, b) = (run_dir(&root_s, a), run_dir(&root_s, b));
+        let path = error_model::path(&a.join("metrics.jsonl"), 0.9);
+        support::l2_difference(&a.join("model.safetensors"), &b.join("model.safetensors")) / path
+    };
+    for np in [1, 2] {
+        let o = job(np, &format!("train-np{np}"), &[], &["train"]);
+        if o.code != Some(0) {
+            report(&format!("vit_train_np{np}"), false, &o);
+            return;
+        }
+        if np == 2 {
+            let w = compare("train-np1", "train-np2");
+            println!(
+                "vit train 2 ranks vs 1: weights {w:.2e} of the path (tolerance {:.1e})",
+                error_model::trajectory()
+            );
+            report(
+                "vit_train_1_rank_equals_2_ranks",
+                w <= error_model::trajectory(),
+                &o,
+            );
+        }
+    }
+    let split = root.join("split.json").display().to_string();
+    let o = job(
+        1,
+        "split",
+        &[],
+        &["split", "--scenario", "class:3", "--out", &split],
+    );
+    if o.code != Some(0) {
+        report("vit_split", false, &o);
+        return;
+    }
+    let original = run_dir(&root_s, "train-np1")
+        .join("model.safetensors")
+        .display()
+        .to_string();
+    let sets = [
+        "sfron.iterations=6",
+        "unlearn.batch=32",
+        "unlearn.forget_batch=16",
+        "unlearn.verify_every=1",
+        "unlearn.log_every=1",
+        "unlearn.eval_before=false",
+        "sfron.clip=1",
+        "sfron.fisher_batch=16",
+        "sfron.fisher_remain_batches=2",
+    ];
+    let args = [
+        "unlearn", "--method", "sfron", "--from", &original, "--split", &split,
+    ];
+    let o1 = job(1, "sfron-np1", &sets, &args);
+    let o2 = job(2, "sfron-np2", &sets, &args);
+    let w = if o1.code == Some(0) && o2.code == Some(0) {
+        compare("sfron-np1", "sfron-np2")
+    } else {
+        f64::INFINITY
+    };
+    println!(
+        "vit sfron 2 ranks vs 1: weights {w:.2e} of the path (tolerance {:.1e})",
+        error_model::trajectory()
+    );
+    report(
+        "vit_sfron_1_rank_equals_2_ranks",
+        w <= error_model::trajectory(),
+        if o1.code == Some(0) { &o2 } else { &o1 },
+    );
+}
+
 fn dit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
     let limit = Duration::from_secs(300);
     let root = std::path::Path::new(run_root).join("dit");
     let root_s = root.display().to_string();
+    let model = [
+        "data.transform=diffusion",
+        "model.arch=dit",
+        "model.dit.name=DiT-S/4",
+        "model.dit.depth=2",
+        "model.dit.hidden=32",
+        "model.dit.heads=2",
+        "diffusion.ema_decay=0.9",
+        "train.batch=16",
+        "train.lr=0.01",
+        "train.momentum=0.9",
+        "train.max_steps=8",
+        "train.log_every=1",
+        "sample.per_class=2",
+        "sample.classes=[1, 3]",
+        "sample.method=ddpm",
+        "sample.steps=8",
+        "sample.batch=3",
+        "sample.grid=2",
+    ];
     let job = |np: usize, name: &str, sets: &[&str], args: &[&str]| {
-        let mut cmd = sfron_on(np);
-        let common = [
-            format!("run.root={root_s}"),
-            format!("run.name={name}"),
-            format!("data.root={MNIST}"),
-            "data.train_limit=400".into(),
-            "data.transform=diffusion".into(),
-            "data.workers=0".into(),
-            format!("device.threads={}", support::threads()),
-            "model.arch=dit".into(),
-            "model.dit.name=DiT-S/4".into(),
-            "model.dit.depth=2".into(),
-            "model.dit.hidden=32".into(),
-            "model.dit.heads=2".into(),
-            "diffusion.ema_decay=0.9".into(),
-            "train.batch=16".into(),
-            "train.lr=0.01".into(),
-            "train.momentum=0.9".into(),
-            "train.max_steps=8".into(),
-            "train.log_every=1".into(),
-            "sample.per_class=2".into(),
-            "sample.classes=[1, 3]".into(),
-            "sample.method=ddpm".into(),
-            "sample.steps=8".into(),
-            "sample.batch=3".into(),
-            "sample.grid=2".into(),
-        ];
-        for set in common
-            .iter()
-            .map(String::as_str)
-            .chain(sets.iter().copied())
-        {
-            cmd.args(["--set", set]);
-        }
-        cmd.args(args);
-        run(cmd, limit)
+        digits_job(np, (&root_s, name), &model, sets, args, limit)
     };
     for np in [1, 2] {
         let o = job(np, &format!("train-np{np}"), &[], &["train"]);
@@ -1797,7 +1910,7 @@ fn driver() -> i32 {
     // developer's shortcut; the suite runs them all).
     let only = std::env::var("SFRON_MPI_ONLY").ok();
     type Group = fn(&str, &mut dyn FnMut(&str, bool, &Outcome));
-    let groups: [(&str, Group); 7] = [
+    let groups: [(&str, Group); 8] = [
         ("training", |r, mut f| training(r, &mut f)),
         ("unlearning", |r, mut f| unlearning(r, &mut f)),
         ("baselines", |r, mut f| baselines(r, &mut f)),
@@ -1805,6 +1918,7 @@ fn driver() -> i32 {
         ("global_batchnorm", |r, mut f| global_batchnorm(r, &mut f)),
         ("diffusion", |r, mut f| diffusion(r, &mut f)),
         ("dit", |r, mut f| dit(r, &mut f)),
+        ("vit", |r, mut f| vit(r, &mut f)),
     ];
     for (name, group) in groups {
         if only.as_deref().is_none_or(|o| o == name) {

@@ -16,6 +16,7 @@ use crate::data::{CorruptPolicy, Format, Transform};
 use crate::model::Arch;
 use crate::model::dit::DitSpec;
 use crate::model::unet::UnetSpec;
+use crate::model::vit::VitSpec;
 
 /// Libtorch intra-op threads above this are a typo, not a machine.
 const MAX_THREADS: u32 = 1024;
@@ -754,6 +755,7 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
             Arch::Unet(spec)
         }
         Arch::Dit(_) => Arch::Dit(dit_spec(config, data)?),
+        Arch::Vit(named) => Arch::Vit(vit_spec(config, data, named)?),
         other => other,
     };
     Ok(ModelPlan {
@@ -797,6 +799,35 @@ fn dit_spec(config: &LoadedConfig, data: &DataPlan) -> Result<DitSpec, ConfigErr
         ..named
     };
     spec.check().map_err(|e| config.key_error("model.dit", e))?;
+    Ok(spec)
+}
+
+/// A ViT's shape: its builder's (`named`, from `model.arch`) with
+/// `[model.vit]`'s overrides, on the data's (square) side, which the patch
+/// must divide.
+fn vit_spec(
+    config: &LoadedConfig,
+    data: &DataPlan,
+    named: VitSpec,
+) -> Result<VitSpec, ConfigError> {
+    let v = &config.raw.model.vit;
+    let [_, height, width] = data.train_transform.shape;
+    if height != width {
+        return Err(config.key_error(
+            "model.arch",
+            format!("a ViT takes square images; the data's are {height}x{width}"),
+        ));
+    }
+    let or = |v: i64, named: i64| if v == 0 { named } else { v };
+    let spec = VitSpec {
+        patch: or(v.patch, named.patch),
+        image_size: height as i64,
+        depth: or(v.depth, named.depth),
+        heads: or(v.heads, named.heads),
+        hidden: or(v.hidden, named.hidden),
+        mlp_dim: or(v.mlp_dim, named.mlp_dim),
+    };
+    spec.check().map_err(|e| config.key_error("model.vit", e))?;
     Ok(spec)
 }
 

@@ -305,7 +305,8 @@ impl Default for DataSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// mnist_cnn | mnist_cnn_bn | resnet18_cifar | resnet18 | resnet50 | ddpm_unet.
+    /// mnist_cnn | mnist_cnn_bn | resnet18_cifar | resnet18 | resnet50 |
+    /// vit_b_16 | vit_b_32 | vit_l_16 | vit_l_32 | vit_h_14 | ddpm_unet | dit.
     pub arch: String,
     /// Width multiplier of `resnet18_cifar` (1.0 = 64 base channels).
     pub width: f64,
@@ -317,6 +318,8 @@ pub struct ModelSection {
     pub unet: UnetSection,
     /// The shape of `dit`.
     pub dit: DitSection,
+    /// Overrides of a ViT's shape.
+    pub vit: VitSection,
 }
 
 impl Default for ModelSection {
@@ -328,6 +331,7 @@ impl Default for ModelSection {
             batchnorm: BatchNormMode::Global,
             unet: UnetSection::default(),
             dit: DitSection::default(),
+            vit: VitSection::default(),
         }
     }
 }
@@ -363,6 +367,19 @@ impl Default for DitSection {
             learn_sigma: true,
         }
     }
+}
+
+/// A ViT's shape beyond its builder (`model.arch = "vit_b_16"` …): any
+/// number overridden (0 keeps the builder's). The image side, channels and
+/// classes come from the data.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VitSection {
+    pub patch: i64,
+    pub depth: i64,
+    pub heads: i64,
+    pub hidden: i64,
+    pub mlp_dim: i64,
 }
 
 /// `ddpm_unet`'s shape, the release's `model` keys (defaults: its CIFAR-10

@@ -204,24 +204,19 @@ impl DitSpec {
     /// `hidden`, `patch` dividing `input_size`, `hidden` a multiple of 4);
     /// the error names the field. [`Dit::new`] panics where this fails.
     pub fn check(&self) -> Result<(), String> {
-        let positive = [
-            ("depth", self.depth),
-            ("hidden", self.hidden),
-            ("heads", self.heads),
-            ("patch", self.patch),
-            ("input_size", self.input_size),
-            ("in_channels", self.in_channels),
-            ("classes", self.classes),
-        ];
-        if let Some((name, v)) = positive.iter().find(|(_, v)| *v <= 0) {
-            return Err(format!("DiT {name} must be positive, not {v}"));
-        }
-        if self.hidden % self.heads != 0 {
-            return Err(format!(
-                "DiT hidden {} is not a multiple of heads {}",
-                self.hidden, self.heads
-            ));
-        }
+        super::check_positive(
+            "DiT",
+            &[
+                ("depth", self.depth),
+                ("hidden", self.hidden),
+                ("heads", self.heads),
+                ("patch", self.patch),
+                ("input_size", self.input_size),
+                ("in_channels", self.in_channels),
+                ("classes", self.classes),
+            ],
+        )?;
+        super::check_heads("DiT", self.hidden, self.heads)?;
         if self.input_size % self.patch != 0 {
             return Err(format!(
                 "DiT input_size {} is not a multiple of patch {}",

@@ -14,6 +14,7 @@ pub mod recompute;
 mod torch_pickle;
 pub mod unet;
 pub mod vae;
+pub mod vit;
 pub mod weights;
 pub mod zoo;
 
@@ -24,6 +25,25 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::raw::Precision;
+
+/// The first of a shape's `fields` that is not positive, as an error naming
+/// `what` and the field (the shapes' `check`s).
+pub(crate) fn check_positive(what: &str, fields: &[(&str, i64)]) -> Result<(), String> {
+    match fields.iter().find(|(_, v)| *v <= 0) {
+        Some((name, v)) => Err(format!("{what} {name} must be positive, not {v}")),
+        None => Ok(()),
+    }
+}
+
+/// That a transformer's `hidden` width splits into `heads` heads.
+pub(crate) fn check_heads(what: &str, hidden: i64, heads: i64) -> Result<(), String> {
+    if hidden % heads != 0 {
+        return Err(format!(
+            "{what} hidden {hidden} is not a multiple of heads {heads}"
+        ));
+    }
+    Ok(())
+}
 pub use layout::Compute;
 pub use weights::WeightsError;
 pub use zoo::{Arch, Task};

@@ -12,6 +12,9 @@
 //! - `ddpm_unet`: the SFR-on authors' class-conditional DDPM UNet, a
 //!   denoiser rather than a classifier ([`super::unet`]; its shape is
 //!   `[model.unet]`).
+//! - `vit_b_16`, `vit_b_32`, `vit_l_16`, `vit_l_32`, `vit_h_14`:
+//!   torchvision's Vision Transformers ([`super::vit`]; the image side is
+//!   the data's, `[model.vit]` overrides the shape).
 //! - `dit`: the DiT of Peebles & Xie, a denoiser on latents or pixels
 //!   ([`super::dit`]; its shape is `[model.dit]`, the public names
 //!   `DiT-XL/2` … `DiT-S/8`).
@@ -22,6 +25,7 @@ use tch::nn::{self, ModuleT};
 use super::dit::{Dit, DitSpec};
 use super::norm::{BatchNorm, NormSync, batch_norm2d};
 use super::unet::{Unet, UnetSpec};
+use super::vit::{Vit, VitSpec};
 
 /// Architectures of the zoo.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +34,7 @@ pub enum Arch {
     Resnet18Cifar { width: f64 },
     Resnet18,
     Resnet50,
+    Vit(VitSpec),
     Unet(UnetSpec),
     Dit(DitSpec),
 }
@@ -87,7 +92,7 @@ impl Arch {
             "resnet50" => Some(Arch::Resnet50),
             "ddpm_unet" => Some(Arch::Unet(UnetSpec::released())),
             "dit" => DitSpec::named("DiT-XL/2").ok().map(Arch::Dit),
-            _ => None,
+            other => VitSpec::named(other).ok().map(Arch::Vit),
         }
     }
 
@@ -97,6 +102,11 @@ impl Arch {
         "resnet18_cifar",
         "resnet18",
         "resnet50",
+        "vit_b_16",
+        "vit_b_32",
+        "vit_l_16",
+        "vit_l_32",
+        "vit_h_14",
         "ddpm_unet",
         "dit",
     ];
@@ -144,6 +154,7 @@ impl Arch {
             Arch::Resnet18Cifar { width } => format!("resnet18_cifar(width={width})"),
             Arch::Resnet18 => "resnet18".into(),
             Arch::Resnet50 => "resnet50".into(),
+            Arch::Vit(spec) => spec.name(),
             Arch::Unet(spec) => spec.name(),
             Arch::Dit(spec) => spec.name(),
         }
@@ -199,6 +210,7 @@ impl Arch {
                 };
                 Box::new(ResNet::new(root, in_channels, classes, shape, norm))
             }
+            Arch::Vit(ref spec) => Box::new(Vit::new(root, spec, in_channels, classes)),
             Arch::Unet(_) | Arch::Dit(_) => unreachable!("built above"),
         })
     }
