@@ -26,6 +26,11 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::raw::Precision;
 
+pub use layout::Compute;
+pub use weights::WeightsError;
+pub use zoo::{Arch, Task};
+use zoo::{Denoiser, Net};
+
 /// The first of a shape's `fields` that is not positive, as an error naming
 /// `what` and the field (the shapes' `check`s).
 pub(crate) fn check_positive(what: &str, fields: &[(&str, i64)]) -> Result<(), String> {
@@ -44,10 +49,6 @@ pub(crate) fn check_heads(what: &str, hidden: i64, heads: i64) -> Result<(), Str
     }
     Ok(())
 }
-pub use layout::Compute;
-pub use weights::WeightsError;
-pub use zoo::{Arch, Task};
-use zoo::{Denoiser, Net};
 
 pub struct Model {
     pub arch: Arch,
