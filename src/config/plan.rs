@@ -733,13 +733,7 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
     let arch = match arch {
         Arch::Unet(_) => {
             let u = &m.unet;
-            let [_, height, width] = data.train_transform.shape;
-            if height != width {
-                return Err(config.key_error(
-                    "model.arch",
-                    format!("ddpm_unet takes square images; the data's are {height}x{width}"),
-                ));
-            }
+            let height = square_side(config, data, "ddpm_unet takes square images")?;
             let spec = UnetSpec {
                 ch: u.ch,
                 ch_mult: u.ch_mult.clone(),
@@ -768,25 +762,37 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
     })
 }
 
+/// The data's image side, which `what` (a model that "takes square
+/// images") needs square: else an error on `model.arch`.
+fn square_side(config: &LoadedConfig, data: &DataPlan, what: &str) -> Result<usize, ConfigError> {
+    let [_, height, width] = data.train_transform.shape;
+    if height != width {
+        return Err(config.key_error(
+            "model.arch",
+            format!("{what}; the data's are {height}x{width}"),
+        ));
+    }
+    Ok(height)
+}
+
+/// A shape override: 0 keeps the named model's value.
+fn or_named(v: i64, named: i64) -> i64 {
+    if v == 0 { named } else { v }
+}
+
 /// `dit`'s shape: `[model.dit]`'s named model with its overrides, on the
 /// data's (square) side; channels and classes are the data's, set when the
 /// model is built ([`crate::model::Model::new`]).
 fn dit_spec(config: &LoadedConfig, data: &DataPlan) -> Result<DitSpec, ConfigError> {
     let d = &config.raw.model.dit;
     let named = DitSpec::named(&d.name).map_err(|e| config.key_error("model.dit.name", e))?;
-    let [channels, height, width] = data.train_transform.shape;
-    if height != width {
-        return Err(config.key_error(
-            "model.arch",
-            format!("dit takes square inputs; the data's are {height}x{width}"),
-        ));
-    }
-    let or = |v: i64, named: i64| if v == 0 { named } else { v };
+    let channels = data.train_transform.shape[0];
+    let height = square_side(config, data, "dit takes square inputs")?;
     let spec = DitSpec {
-        depth: or(d.depth, named.depth),
-        hidden: or(d.hidden, named.hidden),
-        heads: or(d.heads, named.heads),
-        patch: or(d.patch, named.patch),
+        depth: or_named(d.depth, named.depth),
+        hidden: or_named(d.hidden, named.hidden),
+        heads: or_named(d.heads, named.heads),
+        patch: or_named(d.patch, named.patch),
         mlp_ratio: if d.mlp_ratio == 0.0 {
             named.mlp_ratio
         } else {
@@ -811,21 +817,14 @@ fn vit_spec(
     named: VitSpec,
 ) -> Result<VitSpec, ConfigError> {
     let v = &config.raw.model.vit;
-    let [_, height, width] = data.train_transform.shape;
-    if height != width {
-        return Err(config.key_error(
-            "model.arch",
-            format!("a ViT takes square images; the data's are {height}x{width}"),
-        ));
-    }
-    let or = |v: i64, named: i64| if v == 0 { named } else { v };
+    let height = square_side(config, data, "a ViT takes square images")?;
     let spec = VitSpec {
-        patch: or(v.patch, named.patch),
+        patch: or_named(v.patch, named.patch),
         image_size: height as i64,
-        depth: or(v.depth, named.depth),
-        heads: or(v.heads, named.heads),
-        hidden: or(v.hidden, named.hidden),
-        mlp_dim: or(v.mlp_dim, named.mlp_dim),
+        depth: or_named(v.depth, named.depth),
+        heads: or_named(v.heads, named.heads),
+        hidden: or_named(v.hidden, named.hidden),
+        mlp_dim: or_named(v.mlp_dim, named.mlp_dim),
     };
     spec.check().map_err(|e| config.key_error("model.vit", e))?;
     Ok(spec)
