@@ -141,14 +141,16 @@ pub fn to_pixels(x: &Tensor) -> Tensor {
         .to_kind(Kind::Uint8)
 }
 
-/// Generates `rows` (class, index) across the ranks; rank 0 gets every
-/// image as uint8 `[N, C, H, W]` in row order (other ranks `None`). Also
+/// Generates `rows` (class, index) across the ranks, decoding latents with
+/// `decoder` ([`latent_decoder`], resolved by the caller before it writes
+/// anything); rank 0 gets every image as uint8 `[N, C, H, W]` in row order
+/// (other ranks `None`). Also
 /// the fastest visited timestep on this rank in seconds (a whole sampling
 /// step of a batch: the guided forward passes, the update, the keyed
 /// noise; infinite when the rank had no rows).
 pub fn generate_sharded(
     comm: &Comm,
-    model: &Model,
+    (model, decoder): (&Model, Option<&(Vae, [i64; 3])>),
     schedule: &Schedule,
     plan: &RunPlan,
     rows: &[(i64, u64)],
@@ -156,8 +158,7 @@ pub fn generate_sharded(
 ) -> Result<(Option<Tensor>, f64)> {
     let mut fastest = f64::INFINITY;
     let sampler = sampler_plan(plan);
-    let decoder = latent_decoder(plan, model.vs.device())?;
-    let shape = match &decoder {
+    let shape = match decoder {
         Some((_, pixels)) => *pixels,
         None => model.image_shape().context("not a denoiser")?,
     };
@@ -216,17 +217,18 @@ pub fn latent_decoder(plan: &RunPlan, device: Device) -> Result<Option<(Vae, [i6
         )
     })?;
     let path = PathBuf::from(&index.vae_file);
-    let digest = weights::identify(&weights::read(&path)?, &path)?;
-    if digest != index.vae_digest {
-        bail!(
-            "{}: not the VAE {} was encoded with (digest {digest}, the index says {}): the \
-             samples would decode wrongly",
-            path.display(),
-            dir.display(),
-            index.vae_digest
-        );
-    }
-    let vae = Vae::load(&path, &spec, device)?;
+    let vae = Vae::load_verified(&path, &spec, device, |digest| {
+        if digest != index.vae_digest {
+            bail!(
+                "{}: not the VAE {} was encoded with (digest {digest}, the index says {}): the \
+                 samples would decode wrongly",
+                path.display(),
+                dir.display(),
+                index.vae_digest
+            );
+        }
+        Ok(())
+    })?;
     let side = (index.latent_side as i64) * spec.downsampling();
     Ok(Some((vae, [spec.out_channels, side, side])))
 }
@@ -375,6 +377,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
     let s = &plan.sample;
     let (path, ema) = weights_file(Path::new(&s.from), s.weights)?;
     let model = load_denoiser(plan, &path, device)?;
+    let decoder = latent_decoder(plan, device)?;
     let classes: Vec<i64> = if s.classes.is_empty() {
         (0..model.classes).collect()
     } else {
@@ -412,7 +415,14 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device) -> Result<Status> {
         "sample"
     );
     let started = Instant::now();
-    let (images, fastest) = generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?;
+    let (images, fastest) = generate_sharded(
+        comm,
+        (&model, decoder.as_ref()),
+        &schedule,
+        plan,
+        &rows,
+        &mut progress,
+    )?;
     progress.finish();
     if let Some(images) = images {
         let labels: Vec<i64> = rows.iter().map(|r| r.0).collect();

@@ -278,6 +278,17 @@ fn encode_writes_resumable_latents_a_dit_trains_on_and_samples_decode() {
         ],
         "latent",
     );
+    // Sampling decodes with the VAE the latents were encoded with: another
+    // VAE of the same shape at that path is refused by its digest, before
+    // any image is decoded.
+    support::write_small_vae(&vae_file, 12);
+    support::assert_refused(
+        &dir,
+        "dit-other-vae",
+        &dit("dit-other-vae"),
+        &["sample", "--from", &from],
+        "not the VAE",
+    );
 }
 
 /// The latent transform: each draw picks a mirror (about half of the keys

@@ -336,6 +336,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
     };
     let (weights_path, ema) = sample::weights_file(model_path, plan.sample.weights)?;
     let model = sample::load_denoiser(plan, &weights_path, device)?;
+    let decoder = sample::latent_decoder(plan, device)?;
     if model.classes != inputs.classes {
         bail!(
             "{} generates {} classes, the data has {}",
@@ -359,7 +360,15 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, model_path: &Path) -> Re
         device,
     );
     let mut progress = Progress::new(&plan.run_dir, comm.is_root(), "eval", 0, 0)?;
-    let images = sample::generate_sharded(comm, &model, &schedule, plan, &rows, &mut progress)?.0;
+    let images = sample::generate_sharded(
+        comm,
+        (&model, decoder.as_ref()),
+        &schedule,
+        plan,
+        &rows,
+        &mut progress,
+    )?
+    .0;
     progress.finish();
     let real = real_features(
         comm,

@@ -448,6 +448,17 @@ impl Vae {
     /// names too, [`current_name`]). Errors name the file and every missing,
     /// unexpected or mis-shaped tensor; a missing file gives the export line.
     pub fn load(path: &Path, spec: &VaeSpec, device: Device) -> Result<Self> {
+        Self::load_verified(path, spec, device, |_| Ok(()))
+    }
+
+    /// [`Vae::load`], with `verify` given the file's [`weights::identify`]
+    /// digest before the tensors are read (the file is read once).
+    pub fn load_verified(
+        path: &Path,
+        spec: &VaeSpec,
+        device: Device,
+        verify: impl FnOnce(&str) -> Result<()>,
+    ) -> Result<Self> {
         spec.check()
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         if !path.is_file() {
@@ -458,6 +469,7 @@ impl Vae {
         }
         let bytes = weights::read(path)?;
         let digest = weights::identify(&bytes, path)?;
+        verify(&digest)?;
         let (tensors, _) = weights::parse(&bytes, path).with_context(|| {
             format!(
                 "{} is not an AutoencoderKL state_dict as safetensors ({EXPORT_HINT})",

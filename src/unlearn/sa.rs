@@ -202,8 +202,16 @@ impl Sa {
         if self.plan.sample_steps > 0 {
             plan.sample.steps = self.plan.sample_steps;
         }
-        let images =
-            crate::sample::generate_sharded(s.comm, model, schedule, &plan, &rows, progress)?.0;
+        // Pixel data only (unlearn refuses SA on latents before it starts).
+        let images = crate::sample::generate_sharded(
+            s.comm,
+            (model, None),
+            schedule,
+            &plan,
+            &rows,
+            progress,
+        )?
+        .0;
         let mut bytes = match images {
             Some(images) => Vec::<u8>::try_from(images.reshape([-1]))?,
             None => Vec::new(),
