@@ -31,6 +31,8 @@ pub mod tag {
     pub const COND_DROP: u64 = 0x0043_4452_4f50;
     /// The UNet's dropout masks: `[seed, DROPOUT, purpose, step, position]`.
     pub const DROPOUT: u64 = 0x0044_524f_504f_5554;
+    /// A classifier's stochastic-depth keys: `[seed, DROP_PATH, purpose, step, position]`.
+    pub const DROP_PATH: u64 = 0x4452_4f50_5041_5448;
     /// Sampling's initial noise and per-step noise: `[seed, SAMPLE, class, index]`.
     pub const SAMPLE: u64 = 0x5341_4d50_4c45;
     /// SA's replay order: `[seed, REPLAY, epoch]`.

@@ -9,7 +9,7 @@ use tch::Device;
 
 use crate::config::RunPlan;
 use crate::data::Batch;
-use crate::diffusion::draws::{Key, Purpose};
+use crate::diffusion::draws::{Key, Purpose, row_keys};
 use crate::diffusion::loss::{self, Denoising, Rows};
 use crate::diffusion::schedule::Schedule;
 use crate::engine::{Engine, Local, backward_ce_sum};
@@ -53,6 +53,32 @@ impl TaskLoss {
         })
     }
 
+    /// Where the draws of `(purpose, step)` come from.
+    fn key(&self, purpose: Purpose, step: u64) -> Key {
+        Key {
+            seed: self.seed,
+            purpose,
+            step,
+        }
+    }
+
+    /// The keys of a classifier's rows of `batch`, this rank's share of
+    /// `global`, for the train-mode draws of `(purpose, step)`
+    /// ([`crate::model::Model::forward_keyed`]).
+    pub fn row_keys(
+        &self,
+        engine: &Engine,
+        batch: &Batch,
+        global: &[usize],
+        purpose: Purpose,
+        step: u64,
+    ) -> Vec<u64> {
+        row_keys(
+            self.key(purpose, step),
+            &share_positions(engine, batch, global),
+        )
+    }
+
     /// A denoiser's rows of `batch` with the draws of `(purpose, step)`
     /// (`global`: the global batch's dataset indices).
     pub fn rows(
@@ -83,12 +109,13 @@ impl TaskLoss {
         train: bool,
     ) -> Option<Rows> {
         let den = self.denoising(train)?;
-        let key = Key {
-            seed: self.seed,
-            purpose,
-            step,
-        };
-        Some(Rows::at(&den, key, batch, positions, self.device))
+        Some(Rows::at(
+            &den,
+            self.key(purpose, step),
+            batch,
+            positions,
+            self.device,
+        ))
     }
 
     /// Back-propagates the sum of the task's loss over a *whole* global
@@ -109,8 +136,8 @@ impl TaskLoss {
     /// Back-propagates the *sum* over this rank's rows of `batch` of the
     /// task's per-sample loss into `engine` (train or eval mode) and returns
     /// the rank's statistics. `global` is the global batch's dataset
-    /// indices and `(purpose, step)` keys a denoiser's draws; a classifier
-    /// uses neither.
+    /// indices and `(purpose, step)` keys a denoiser's draws and a
+    /// classifier's stochastic depth.
     pub fn backward_sum(
         &self,
         engine: &mut Engine,
@@ -151,7 +178,10 @@ impl TaskLoss {
         (train, guidance): (bool, f64),
     ) -> Local {
         match self.task {
-            Task::Classify => backward_ce_sum(engine, model, batch, self.device, train),
+            Task::Classify => {
+                let keys = row_keys(self.key(purpose, step), positions);
+                backward_ce_sum(engine, model, batch, self.device, train, Some(&keys))
+            }
             Task::Denoise => {
                 let rows = self
                     .rows_at(batch, positions, purpose, step, train)

@@ -71,8 +71,10 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
         inputs.classes,
         device,
     );
-    if let Some(init) = &plan.model.init {
-        model.load(init)?;
+    match &plan.model.init {
+        Some(init) if plan.model.replace_head => model.load_replacing_head(init)?,
+        Some(init) => model.load(init)?,
+        None => {}
     }
     model
         .set_compute(plan.compute())

@@ -1455,13 +1455,8 @@ fn digits_job(
 }
 
 /// A small ViT (torchvision's, `[model.vit]` overrides, patch 7 on the
-/// digits): LayerNorm has no cross-rank state, so 2 ranks give 1 rank's
-/// weights in training and in SFR-on (Fisher, mask, forget and remain
-/// steps), within error_model::trajectory() of the path.
+/// digits): see [`transformer`].
 fn vit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
-    let limit = Duration::from_secs(300);
-    let root = std::path::Path::new(run_root).join("vit");
-    let root_s = root.display().to_string();
     let model = [
         "model.arch=vit_b_16",
         "model.vit.patch=7",
@@ -1469,15 +1464,53 @@ fn vit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         "model.vit.hidden=32",
         "model.vit.heads=2",
         "model.vit.mlp_dim=64",
-        "train.batch=32",
-        "train.lr=0.01",
-        "train.max_steps=12",
-        "train.log_every=1",
-        "train.eval_every=0",
-        "train.verify_every=1",
     ];
-    let job = |np: usize, name: &str, sets: &[&str], args: &[&str]| {
-        digits_job(np, (&root_s, name), &model, sets, args, limit)
+    transformer(run_root, "vit", &model, report);
+}
+
+/// A small Swin (torchvision's, `[model.swin]` overrides: patch 2, two
+/// stages, window 7 on the digits' 28 × 28, shifted windows in the first
+/// stage) with stochastic depth 0.3, whose drops each row draws from its
+/// key: see [`transformer`].
+fn swin(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
+    let model = [
+        "model.arch=swin_t",
+        "model.swin.patch=2",
+        "model.swin.embed_dim=16",
+        "model.swin.depths=[2, 2]",
+        "model.swin.heads=[2, 4]",
+        "model.swin.stochastic_depth_prob=0.3",
+    ];
+    transformer(run_root, "swin", &model, report);
+}
+
+/// A transformer `name` built by the `model` settings: LayerNorm has no
+/// cross-rank state, so 2 ranks give 1 rank's weights in training and in
+/// SFR-on (Fisher, mask, forget and remain steps), within
+/// error_model::trajectory() of the path.
+fn transformer(
+    run_root: &str,
+    name: &str,
+    model: &[&str],
+    report: &mut impl FnMut(&str, bool, &Outcome),
+) {
+    let limit = Duration::from_secs(300);
+    let root = std::path::Path::new(run_root).join(name);
+    let root_s = root.display().to_string();
+    let model: Vec<&str> = model
+        .iter()
+        .copied()
+        .chain([
+            "train.batch=32",
+            "train.lr=0.01",
+            "train.max_steps=12",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.verify_every=1",
+        ])
+        .collect();
+    let job = |np: usize, run: &str, sets: &[&str], args: &[&str]| {
+        digits_job(np, (&root_s, run), &model, sets, args, limit)
     };
     let compare = |a: &str, b: &str| {
         let (a, b) = (run_dir(&root_s, a), run_dir(&root_s, b));
@@ -1487,17 +1520,17 @@ fn vit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
     for np in [1, 2] {
         let o = job(np, &format!("train-np{np}"), &[], &["train"]);
         if o.code != Some(0) {
-            report(&format!("vit_train_np{np}"), false, &o);
+            report(&format!("{name}_train_np{np}"), false, &o);
             return;
         }
         if np == 2 {
             let w = compare("train-np1", "train-np2");
             println!(
-                "vit train 2 ranks vs 1: weights {w:.2e} of the path (tolerance {:.1e})",
+                "{name} train 2 ranks vs 1: weights {w:.2e} of the path (tolerance {:.1e})",
                 error_model::trajectory()
             );
             report(
-                "vit_train_1_rank_equals_2_ranks",
+                &format!("{name}_train_1_rank_equals_2_ranks"),
                 w <= error_model::trajectory(),
                 &o,
             );
@@ -1511,7 +1544,7 @@ fn vit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         &["split", "--scenario", "class:3", "--out", &split],
     );
     if o.code != Some(0) {
-        report("vit_split", false, &o);
+        report(&format!("{name}_split"), false, &o);
         return;
     }
     let original = run_dir(&root_s, "train-np1")
@@ -1540,11 +1573,11 @@ fn vit(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         f64::INFINITY
     };
     println!(
-        "vit sfron 2 ranks vs 1: weights {w:.2e} of the path (tolerance {:.1e})",
+        "{name} sfron 2 ranks vs 1: weights {w:.2e} of the path (tolerance {:.1e})",
         error_model::trajectory()
     );
     report(
-        "vit_sfron_1_rank_equals_2_ranks",
+        &format!("{name}_sfron_1_rank_equals_2_ranks"),
         w <= error_model::trajectory(),
         if o1.code == Some(0) { &o2 } else { &o1 },
     );
@@ -1910,7 +1943,7 @@ fn driver() -> i32 {
     // developer's shortcut; the suite runs them all).
     let only = std::env::var("SFRON_MPI_ONLY").ok();
     type Group = fn(&str, &mut dyn FnMut(&str, bool, &Outcome));
-    let groups: [(&str, Group); 8] = [
+    let groups: [(&str, Group); 9] = [
         ("training", |r, mut f| training(r, &mut f)),
         ("unlearning", |r, mut f| unlearning(r, &mut f)),
         ("baselines", |r, mut f| baselines(r, &mut f)),
@@ -1919,6 +1952,7 @@ fn driver() -> i32 {
         ("diffusion", |r, mut f| diffusion(r, &mut f)),
         ("dit", |r, mut f| dit(r, &mut f)),
         ("vit", |r, mut f| vit(r, &mut f)),
+        ("swin", |r, mut f| swin(r, &mut f)),
     ];
     for (name, group) in groups {
         if only.as_deref().is_none_or(|o| o == name) {

@@ -155,12 +155,16 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, o: &StepOptions) -> Resu
     let lr = sfron.lr;
     let iteration = |engine: &mut Engine| -> Result<()> {
         engine.zero_grad();
-        let losses = ce_losses(&model, &forget.images, &forget.labels, sfron.loss_precision);
+        let losses = ce_losses(
+            &model,
+            (&forget.images, &forget.labels, None),
+            sfron.loss_precision,
+        );
         let local = forget_backward(engine, Some(losses), sfron, sfron.alpha);
         let mut out = engine.reduce(local, Scale::Sum)?;
         engine.finish(&mut out, &edit, lr, "bench forget step")?;
         engine.zero_grad();
-        let local = backward_ce_sum(engine, &model, &remain, device, true);
+        let local = backward_ce_sum(engine, &model, &remain, device, true, None);
         let mut out = engine.reduce(local, Scale::MeanOverCount)?;
         engine.finish(&mut out, &Edit::default(), lr, "bench remain step")?;
         sync(device);

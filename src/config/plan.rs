@@ -15,6 +15,7 @@ use crate::comm::Topology;
 use crate::data::{CorruptPolicy, Format, Transform};
 use crate::model::Arch;
 use crate::model::dit::DitSpec;
+use crate::model::swin::SwinSpec;
 use crate::model::unet::UnetSpec;
 use crate::model::vit::VitSpec;
 
@@ -240,6 +241,8 @@ impl RunPlan {
 pub struct ModelPlan {
     pub arch: Arch,
     pub init: Option<PathBuf>,
+    /// Load `init` without its head, a fresh one for the data's classes.
+    pub replace_head: bool,
     pub batchnorm: BatchNormPlan,
 }
 
@@ -750,11 +753,23 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
         }
         Arch::Dit(_) => Arch::Dit(dit_spec(config, data)?),
         Arch::Vit(named) => Arch::Vit(vit_spec(config, data, named)?),
+        Arch::Swin(named) => Arch::Swin(swin_spec(config, data, named)?),
         other => other,
     };
+    let init = (!m.init.trim().is_empty()).then(|| PathBuf::from(&m.init));
+    if m.replace_head && (init.is_none() || arch.head().is_none()) {
+        return Err(config.key_error(
+            "model.replace_head",
+            match arch.head() {
+                None => format!("{} has no classification head to replace", arch.name()),
+                Some(_) => "replaces the head of model.init's weights: set model.init".into(),
+            },
+        ));
+    }
     Ok(ModelPlan {
         arch,
-        init: (!m.init.trim().is_empty()).then(|| PathBuf::from(&m.init)),
+        init,
+        replace_head: m.replace_head,
         batchnorm: BatchNormPlan {
             mode: m.batchnorm,
             explicit: config.origin("model.batchnorm") != super::DEFAULT_ORIGIN,
@@ -827,6 +842,40 @@ fn vit_spec(
         mlp_dim: or_named(v.mlp_dim, named.mlp_dim),
     };
     spec.check().map_err(|e| config.key_error("model.vit", e))?;
+    Ok(spec)
+}
+
+/// A Swin's shape: its builder's (`named`, from `model.arch`) with
+/// `[model.swin]`'s overrides, on the data's (square) side, which the
+/// patches, mergings and windows must tile.
+fn swin_spec(
+    config: &LoadedConfig,
+    data: &DataPlan,
+    named: SwinSpec,
+) -> Result<SwinSpec, ConfigError> {
+    let v = &config.raw.model.swin;
+    let height = square_side(config, data, "a Swin takes square images")?;
+    let or_list = |v: &Vec<i64>, named: Vec<i64>| if v.is_empty() { named } else { v.clone() };
+    let spec = SwinSpec {
+        patch: or_named(v.patch, named.patch),
+        embed_dim: or_named(v.embed_dim, named.embed_dim),
+        depths: or_list(&v.depths, named.depths),
+        heads: or_list(&v.heads, named.heads),
+        window: or_named(v.window, named.window),
+        mlp_ratio: if v.mlp_ratio == 0.0 {
+            named.mlp_ratio
+        } else {
+            v.mlp_ratio
+        },
+        stochastic_depth_prob: if v.stochastic_depth_prob < 0.0 {
+            named.stochastic_depth_prob
+        } else {
+            v.stochastic_depth_prob
+        },
+        image_size: height as i64,
+    };
+    spec.check()
+        .map_err(|e| config.key_error("model.swin", e))?;
     Ok(spec)
 }
 

@@ -306,12 +306,18 @@ impl Default for DataSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// mnist_cnn | mnist_cnn_bn | resnet18_cifar | resnet18 | resnet50 |
-    /// vit_b_16 | vit_b_32 | vit_l_16 | vit_l_32 | vit_h_14 | ddpm_unet | dit.
+    /// vit_b_16 | vit_b_32 | vit_l_16 | vit_l_32 | vit_h_14 | swin_t |
+    /// swin_s | swin_b | ddpm_unet | dit.
     pub arch: String,
     /// Width multiplier of `resnet18_cifar` (1.0 = 64 base channels).
     pub width: f64,
     /// Weights to start `train` from ("" = a fresh, seeded initialisation).
     pub init: String,
+    /// Start from `init` with its classification head left out, the head
+    /// freshly initialised for the data's classes (the released
+    /// `model.head = nn.Linear(in_features, num_classes)` after loading
+    /// ImageNet weights).
+    pub replace_head: bool,
     /// Which batch BatchNorm normalises by in train mode.
     pub batchnorm: BatchNormMode,
     /// The shape of `ddpm_unet`.
@@ -320,6 +326,8 @@ pub struct ModelSection {
     pub dit: DitSection,
     /// Overrides of a ViT's shape.
     pub vit: VitSection,
+    /// Overrides of a Swin's shape.
+    pub swin: SwinSection,
 }
 
 impl Default for ModelSection {
@@ -328,10 +336,12 @@ impl Default for ModelSection {
             arch: "mnist_cnn".into(),
             width: 1.0,
             init: String::new(),
+            replace_head: false,
             batchnorm: BatchNormMode::Global,
             unet: UnetSection::default(),
             dit: DitSection::default(),
             vit: VitSection::default(),
+            swin: SwinSection::default(),
         }
     }
 }
@@ -380,6 +390,36 @@ pub struct VitSection {
     pub heads: i64,
     pub hidden: i64,
     pub mlp_dim: i64,
+}
+
+/// A Swin's shape beyond its builder (`model.arch = "swin_t"` …): any
+/// number overridden (0 or empty keeps the builder's; a negative
+/// `stochastic_depth_prob` too). The image side, channels and classes come
+/// from the data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwinSection {
+    pub patch: i64,
+    pub embed_dim: i64,
+    pub depths: Vec<i64>,
+    pub heads: Vec<i64>,
+    pub window: i64,
+    pub mlp_ratio: f64,
+    pub stochastic_depth_prob: f64,
+}
+
+impl Default for SwinSection {
+    fn default() -> Self {
+        SwinSection {
+            patch: 0,
+            embed_dim: 0,
+            depths: Vec::new(),
+            heads: Vec::new(),
+            window: 0,
+            mlp_ratio: 0.0,
+            stochastic_depth_prob: -1.0,
+        }
+    }
 }
 
 /// `ddpm_unet`'s shape, the release's `model` keys (defaults: its CIFAR-10

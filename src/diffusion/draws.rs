@@ -11,7 +11,9 @@
 //!   by the row's key (the same numbers on any device);
 //! - the dropped conditions (classifier-free guidance training), each row's
 //!   own Bernoulli draw;
-//! - the dropout keys of [`crate::model::unet::Dropout::Keyed`].
+//! - the dropout keys of [`crate::model::unet::Dropout::Keyed`];
+//! - and, for a classifier, the keys of its rows' stochastic depth
+//!   ([`row_keys`], [`crate::model::Model::forward_keyed`]).
 
 use tch::{Device, Kind, Tensor};
 
@@ -114,6 +116,24 @@ impl Draws {
             dropout,
         }
     }
+}
+
+/// The keys of a classifier's rows at `positions` of the global batch
+/// (its train-mode random choices: [`crate::model::Model::forward_keyed`]).
+pub fn row_keys(key: Key, positions: &[usize]) -> Vec<u64> {
+    positions
+        .iter()
+        .map(|&p| {
+            Rng::keyed(&[
+                key.seed,
+                tag::DROP_PATH,
+                key.purpose as u64,
+                key.step,
+                p as u64,
+            ])
+            .next_u64()
+        })
+        .collect()
 }
 
 /// Positions in `global` of the rows of `local`, a rank's share

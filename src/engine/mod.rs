@@ -619,9 +619,10 @@ fn copy_all(dst: &[Tensor], src: &[Tensor]) {
     });
 }
 
-/// Forward `batch` in train or eval mode, then back-propagate the *sum* of
-/// the cross-entropy over its rows into `engine`; returns this rank's
-/// statistics. An empty share contributes nothing (and must still join the
+/// Forward `batch` in train or eval mode (its rows' random choices from
+/// `keys` when given: [`Model::forward_keyed`]), then back-propagate the
+/// *sum* of the cross-entropy over its rows into `engine`; returns this
+/// rank's statistics. An empty share contributes nothing (and must still join the
 /// reduction, and under global BatchNorm in train mode the layers' sums).
 pub fn backward_ce_sum(
     engine: &mut Engine,
@@ -629,13 +630,17 @@ pub fn backward_ce_sum(
     batch: &Batch,
     device: Device,
     train: bool,
+    keys: Option<&[u64]>,
 ) -> Local {
     if !model.must_forward(batch.is_empty(), train) {
         return Local::default();
     }
     let x = batch.images.to_device(device);
     let y = batch.labels.to_device(device);
-    let logits = model.forward_t(&x, train);
+    let logits = match keys {
+        Some(keys) => model.forward_keyed(&x, train, keys),
+        None => model.forward_t(&x, train),
+    };
     let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
     engine.backward(&loss);
     Local {

@@ -11,6 +11,7 @@ pub mod inception;
 pub mod layout;
 pub mod norm;
 pub mod recompute;
+pub mod swin;
 mod torch_pickle;
 pub mod unet;
 pub mod vae;
@@ -62,6 +63,8 @@ pub struct Model {
     /// The trunks a forward pass left for the backward pass to recompute
     /// ([`recompute`]; the engine drains it).
     recompute: recompute::Recompute,
+    /// The row keys of a keyed forward pass ([`Model::forward_keyed`]).
+    keys: swin::RowKeys,
     /// The robustness probe's relative logit noise ([`Model::set_logit_noise`]).
     noise: Option<LogitNoise>,
 }
@@ -95,7 +98,8 @@ impl Model {
         };
         let vs = nn::VarStore::new(device);
         let norm = norm::NormSync::default();
-        let net = arch.build(&vs.root(), in_channels, classes, &norm);
+        let keys = swin::RowKeys::default();
+        let net = arch.build(&vs.root(), in_channels, classes, &norm, &keys);
         Model {
             arch,
             vs,
@@ -105,6 +109,7 @@ impl Model {
             compute: Compute::default(),
             norm,
             recompute: recompute::Recompute::default(),
+            keys,
             noise: None,
         }
     }
@@ -290,9 +295,22 @@ impl Model {
         }
     }
 
+    /// [`Model::forward_t`] whose random choices in train mode (a Swin's
+    /// stochastic depth) come from each row's key `keys[i]`, so that a row
+    /// draws the same whichever rank and batch hold it. Keys are the
+    /// caller's: [`crate::diffusion::draws::row_keys`].
+    pub fn forward_keyed(&self, xs: &Tensor, train: bool, keys: &[u64]) -> Tensor {
+        self.keys.set(Some(keys.to_vec()));
+        let logits = self.forward_t(xs, train);
+        self.keys.set(None);
+        logits
+    }
+
     /// Logits `[N, classes]` of `xs` `[N, C, H, W]`, in fp32 whatever the
-    /// precision; `train` selects BatchNorm's mode. Panics on a denoiser:
-    /// commands check the task when they read the configuration.
+    /// precision; `train` selects BatchNorm's mode and turns on stochastic
+    /// depth (drawn from libtorch's generator here: distributed steps use
+    /// [`Model::forward_keyed`]). Panics on a denoiser: commands check the
+    /// task when they read the configuration.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let Net::Classifier(net) = &self.net else {
             panic!("{} is not a classifier", self.arch.name())
@@ -340,6 +358,31 @@ impl Model {
 
     /// [`Model::load`] of a file's bytes already read (`path` names it in errors).
     pub fn load_bytes(&mut self, bytes: &[u8], path: &Path) -> Result<(), WeightsError> {
+        let tensors = self.parse_own(bytes, path)?;
+        if let Some(head) = self.arch.head() {
+            let named = |n: &str| format!("{head}.weight") == n;
+            if let (Some(file), Some(model)) = (
+                tensors.iter().find(|(n, _)| named(n)),
+                self.state().into_iter().find(|(n, _)| named(n)),
+            ) && file.1.size()[0] != model.1.size()[0]
+            {
+                return Err(WeightsError::Mismatch {
+                    path: path.into(),
+                    reason: format!(
+                        "its head {head} has {} classes, the data {}: set model.replace_head = true \
+                         to fine-tune it on these classes with a new head",
+                        file.1.size()[0],
+                        model.1.size()[0]
+                    ),
+                });
+            }
+        }
+        weights::copy_into(&self.vs, &tensors, path)
+    }
+
+    /// The tensors of a weights file's bytes (`path` names it in errors); a
+    /// file that names another architecture in its metadata is refused.
+    fn parse_own(&self, bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
         let (tensors, metadata) = weights::parse(bytes, path)?;
         if let Some(saved) = metadata.get("sfron.arch")
             && *saved != self.arch.name()
@@ -352,7 +395,42 @@ impl Model {
                 ),
             });
         }
-        weights::copy_into(&self.vs, &tensors, path)
+        Ok(tensors)
+    }
+
+    /// Loads a classifier's weights without its head (the file's head, of
+    /// any number of classes, is left out), then initialises the head as
+    /// PyTorch's `nn.Linear` does (weight and bias uniform in ±1/√fan_in,
+    /// from libtorch's generator): the released fine-tuning recipe's
+    /// `model.head = nn.Linear(in_features, num_classes)`.
+    pub fn load_replacing_head(&mut self, path: &Path) -> Result<(), WeightsError> {
+        let Some(head) = self.arch.head() else {
+            return Err(WeightsError::Mismatch {
+                path: path.into(),
+                reason: format!("{} has no classification head to replace", self.arch.name()),
+            });
+        };
+        let tensors = self.parse_own(&weights::read(path)?, path)?;
+        let in_head = |n: &str| n == format!("{head}.weight") || n == format!("{head}.bias");
+        if !tensors.iter().any(|(n, _)| in_head(n)) {
+            return Err(WeightsError::Mismatch {
+                path: path.into(),
+                reason: format!("it has no {head}.weight: not a {}", self.arch.name()),
+            });
+        }
+        weights::copy_into_except(&self.vs, &tensors, path, &in_head)?;
+        let state = self.state();
+        let fan_in = state
+            .iter()
+            .find(|(n, _)| *n == format!("{head}.weight"))
+            .map_or(1, |(_, w)| w.size()[1]);
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        tch::no_grad(|| {
+            for (_, mut t) in state.into_iter().filter(|(n, _)| in_head(n)) {
+                let _ = t.uniform_(-bound, bound);
+            }
+        });
+        Ok(())
     }
 
     /// Saves the state (PyTorch loads it with `safetensors.torch.load_file`).

@@ -232,11 +232,23 @@ pub fn copy_into(
     tensors: &[(String, Tensor)],
     path: &Path,
 ) -> Result<(), WeightsError> {
-    let vars = vs.variables();
+    copy_into_except(vs, tensors, path, &|_| false)
+}
+
+/// [`copy_into`] leaving out the variables and the file's tensors whose
+/// names `skip` picks (the variables keep their values).
+pub fn copy_into_except(
+    vs: &nn::VarStore,
+    tensors: &[(String, Tensor)],
+    path: &Path,
+    skip: &dyn Fn(&str) -> bool,
+) -> Result<(), WeightsError> {
+    let mut vars = vs.variables();
+    vars.retain(|n, _| !skip(n));
     let mut problems = Vec::new();
     let file: HashMap<&str, &Tensor> = tensors
         .iter()
-        .filter(|(n, _)| !n.ends_with("num_batches_tracked"))
+        .filter(|(n, _)| !n.ends_with("num_batches_tracked") && !skip(n))
         .map(|(n, t)| (n.as_str(), t))
         .collect();
     let mut missing: Vec<&str> = vars

@@ -15,6 +15,9 @@
 //! - `vit_b_16`, `vit_b_32`, `vit_l_16`, `vit_l_32`, `vit_h_14`:
 //!   torchvision's Vision Transformers ([`super::vit`]; the image side is
 //!   the data's, `[model.vit]` overrides the shape).
+//! - `swin_t`, `swin_s`, `swin_b`: torchvision's Swin Transformers
+//!   ([`super::swin`]; the image side is the data's, `[model.swin]`
+//!   overrides the shape).
 //! - `dit`: the DiT of Peebles & Xie, a denoiser on latents or pixels
 //!   ([`super::dit`]; its shape is `[model.dit]`, the public names
 //!   `DiT-XL/2` … `DiT-S/8`).
@@ -24,6 +27,7 @@ use tch::nn::{self, ModuleT};
 
 use super::dit::{Dit, DitSpec};
 use super::norm::{BatchNorm, NormSync, batch_norm2d};
+use super::swin::{RowKeys, Swin, SwinSpec};
 use super::unet::{Unet, UnetSpec};
 use super::vit::{Vit, VitSpec};
 
@@ -35,6 +39,7 @@ pub enum Arch {
     Resnet18,
     Resnet50,
     Vit(VitSpec),
+    Swin(SwinSpec),
     Unet(UnetSpec),
     Dit(DitSpec),
 }
@@ -81,7 +86,8 @@ pub enum Denoiser {
 
 impl Arch {
     /// Parses `mnist_cnn`, `mnist_cnn_bn`, `resnet18_cifar`, `resnet18`,
-    /// `resnet50`, `ddpm_unet` (the released shape), `dit` (DiT-XL/2; the
+    /// `resnet50`, torchvision's ViT and Swin builders (`vit_b_16`,
+    /// `swin_t`, …), `ddpm_unet` (the released shape), `dit` (DiT-XL/2; the
     /// configuration sets the shape).
     pub fn parse(name: &str, width: f64) -> Option<Self> {
         match name {
@@ -92,7 +98,10 @@ impl Arch {
             "resnet50" => Some(Arch::Resnet50),
             "ddpm_unet" => Some(Arch::Unet(UnetSpec::released())),
             "dit" => DitSpec::named("DiT-XL/2").ok().map(Arch::Dit),
-            other => VitSpec::named(other).ok().map(Arch::Vit),
+            other => VitSpec::named(other)
+                .map(Arch::Vit)
+                .or_else(|_| SwinSpec::named(other).map(Arch::Swin))
+                .ok(),
         }
     }
 
@@ -107,6 +116,9 @@ impl Arch {
         "vit_l_16",
         "vit_l_32",
         "vit_h_14",
+        "swin_t",
+        "swin_s",
+        "swin_b",
         "ddpm_unet",
         "dit",
     ];
@@ -134,6 +146,18 @@ impl Arch {
         }
     }
 
+    /// The classifier's last Linear layer, the one fine-tuning replaces
+    /// (`None` for a denoiser).
+    pub fn head(&self) -> Option<&'static str> {
+        match self {
+            Arch::MnistCnn { .. } => Some("fc2"),
+            Arch::Resnet18Cifar { .. } | Arch::Resnet18 | Arch::Resnet50 => Some("fc"),
+            Arch::Vit(_) => Some("heads.head"),
+            Arch::Swin(_) => Some("head"),
+            Arch::Unet(_) | Arch::Dit(_) => None,
+        }
+    }
+
     /// Whether a denoiser predicts its variance too (DiT's `learn_sigma`).
     pub fn learns_sigma(&self) -> bool {
         matches!(self, Arch::Dit(spec) if spec.learn_sigma)
@@ -143,7 +167,11 @@ impl Arch {
     pub fn has_batch_norm(&self) -> bool {
         !matches!(
             self,
-            Arch::MnistCnn { batch_norm: false } | Arch::Unet(_) | Arch::Dit(_)
+            Arch::MnistCnn { batch_norm: false }
+                | Arch::Vit(_)
+                | Arch::Swin(_)
+                | Arch::Unet(_)
+                | Arch::Dit(_)
         )
     }
 
@@ -155,14 +183,23 @@ impl Arch {
             Arch::Resnet18 => "resnet18".into(),
             Arch::Resnet50 => "resnet50".into(),
             Arch::Vit(spec) => spec.name(),
+            Arch::Swin(spec) => spec.name(),
             Arch::Unet(spec) => spec.name(),
             Arch::Dit(spec) => spec.name(),
         }
     }
 
     /// Builds the network's variables under `root` and returns its forward
-    /// pass; its BatchNorm layers normalise as `norm` says.
-    pub fn build(&self, root: &nn::Path, in_channels: i64, classes: i64, norm: &NormSync) -> Net {
+    /// pass; its BatchNorm layers normalise as `norm` says, its stochastic
+    /// depth draws from `keys` when they are set.
+    pub fn build(
+        &self,
+        root: &nn::Path,
+        in_channels: i64,
+        classes: i64,
+        norm: &NormSync,
+        keys: &RowKeys,
+    ) -> Net {
         match self {
             Arch::Unet(spec) => {
                 let unet = Unet::new(root, spec, in_channels, classes);
@@ -211,6 +248,7 @@ impl Arch {
                 Box::new(ResNet::new(root, in_channels, classes, shape, norm))
             }
             Arch::Vit(ref spec) => Box::new(Vit::new(root, spec, in_channels, classes)),
+            Arch::Swin(ref spec) => Box::new(Swin::new(root, spec, in_channels, classes, keys)),
             Arch::Unet(_) | Arch::Dit(_) => unreachable!("built above"),
         })
     }

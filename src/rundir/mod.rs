@@ -151,6 +151,9 @@ pub fn recipe_hash(plan: &RunPlan, inputs: &Inputs, command: &str) -> String {
         "data": inputs.identity(plan),
         "split": inputs.split_hash(),
     });
+    if plan.model.replace_head {
+        recipe["model"]["replace_head"] = json!(true);
+    }
     if plan.model.arch.task() == crate::model::Task::Denoise {
         recipe["diffusion"] = json!(plan.diffusion);
     }

@@ -251,7 +251,7 @@ impl Session<'_> {
         train: bool,
         loss: &mut dyn FnMut(&Tensor, &Rows) -> (Tensor, Tensor),
     ) -> Result<Outcome> {
-        self.backward_with(which, t, &mut |s, batch, _| {
+        self.backward_with(which, t, &mut |s, batch, global| {
             if !s.model.must_forward(batch.is_empty(), train) {
                 return None;
             }
@@ -260,7 +260,10 @@ impl Session<'_> {
                 labels: batch.labels.to_device(s.device),
                 indices: batch.indices.clone(),
             };
-            let logits = s.model.forward_t(&rows.x, train);
+            let keys = s
+                .task
+                .row_keys(&s.engine, batch, global, which.purpose(), t);
+            let logits = s.model.forward_keyed(&rows.x, train, &keys);
             let (losses, targets) = loss(&logits, &rows);
             Some((losses.sum(Kind::Float), correct(&logits, &targets)))
         })

@@ -77,7 +77,14 @@ impl Sfron {
                 batch.images.to_device(s.device),
                 batch.labels.to_device(s.device),
             );
-            Some(ce_losses(&s.model, &x, &y, self.plan.loss_precision))
+            let keys = s
+                .task
+                .row_keys(&s.engine, &batch, &global, Purpose::Forget, t);
+            Some(ce_losses(
+                &s.model,
+                (&x, &y, Some(&keys)),
+                self.plan.loss_precision,
+            ))
         };
         let local = forget_backward(&mut s.engine, losses, &self.plan, alpha);
         if let Some(saved) = frozen {
@@ -122,14 +129,17 @@ pub fn per_sample_loss(logits: &Tensor, labels: &Tensor, precision: LossPrecisio
 }
 
 /// A classifier's forget-step losses: per-row cross-entropy of the
-/// train-mode logits of `x` ([`per_sample_loss`]), and the rows it gets right.
+/// train-mode logits of `x` ([`per_sample_loss`]) against `y`, its rows'
+/// random choices from `keys` when given, and the rows it gets right.
 pub fn ce_losses(
     model: &crate::model::Model,
-    x: &Tensor,
-    y: &Tensor,
+    (x, y, keys): (&Tensor, &Tensor, Option<&[u64]>),
     precision: LossPrecision,
 ) -> (Tensor, f64) {
-    let logits = model.forward_t(x, true);
+    let logits = match keys {
+        Some(keys) => model.forward_keyed(x, true, keys),
+        None => model.forward_t(x, true),
+    };
     (per_sample_loss(&logits, y, precision), correct(&logits, y))
 }
 

@@ -358,3 +358,66 @@ pub fn train_digit_judge(dir: &std::path::Path, limit: u64, steps: u64) -> std::
     assert!(o.status.success(), "{}", text(&o));
     dir.join("runs/judge/model.safetensors")
 }
+
+/// A network's eval-mode forward pass, and its train-mode logits of `x`.
+#[allow(dead_code)]
+pub type NetUnderTest<'a> = (
+    &'a dyn tch::nn::ModuleT,
+    &'a dyn Fn(&tch::Tensor) -> tch::Tensor,
+);
+
+/// A classifier against its PyTorch reference's outputs `io` (`x`, `y`,
+/// eval-mode `logits`, `grad.<name>` of the summed cross-entropy of one
+/// train-mode pass): after a strict load of `state` (the reference's names
+/// and shapes, nothing missing or extra) into `vs`, the eval logits of
+/// `net` within `forward` of the largest, and the gradient of every
+/// trainable variable of the train-mode logits `train(x)` within
+/// `gradient`, norm-wise per tensor. `case` names the case in messages.
+#[allow(dead_code)]
+pub fn check_against_golden(
+    case: &str,
+    vs: &tch::nn::VarStore,
+    (net, train): NetUnderTest,
+    (state, io): (&std::path::Path, &std::path::Path),
+    (forward, gradient): (f64, f64),
+) {
+    use tch::{Kind, Reduction, Tensor};
+    let (tensors, _) = sfron::model::weights::load(state).unwrap();
+    sfron::model::weights::copy_into(vs, &tensors, state).unwrap();
+    let io: std::collections::BTreeMap<String, Tensor> = sfron::model::weights::load(io)
+        .unwrap()
+        .0
+        .into_iter()
+        .collect();
+    let norm = |t: &Tensor| t.to_kind(Kind::Double).norm().double_value(&[]);
+
+    let logits = tch::no_grad(|| net.forward_t(&io["x"], false));
+    let want = &io["logits"];
+    let diff = (&logits - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+    println!("{case}: logits relative max difference {diff:e} (allowed {forward:e})");
+    assert!(diff <= forward, "{case}: logits differ by {diff:e}");
+
+    let loss =
+        train(&io["x"]).cross_entropy_loss::<Tensor>(&io["y"], None, Reduction::Sum, -100, 0.0);
+    let vars = vs.variables();
+    let names: Vec<&String> = vars
+        .iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, _)| n)
+        .collect();
+    let params: Vec<Tensor> = names.iter().map(|n| vars[*n].shallow_clone()).collect();
+    let grads = Tensor::run_backward(&[loss], &params, false, false);
+    let mut worst = 0f64;
+    for (name, g) in names.iter().zip(&grads) {
+        let want = &io[&format!("grad.{name}")];
+        let d = norm(&(g - want)) / norm(want).max(f64::MIN_POSITIVE);
+        worst = worst.max(d);
+        assert!(
+            d <= gradient,
+            "{case}: gradient of {name} differs by {d:e} (allowed {gradient:e})"
+        );
+    }
+    let expected = io.keys().filter(|n| n.starts_with("grad.")).count();
+    assert_eq!(names.len(), expected, "{case}: the reference's parameters");
+    println!("{case}: worst gradient relative difference {worst:e} (allowed {gradient:e})");
+}
