@@ -108,6 +108,8 @@ fn unlearn(sets: &[String], original: &Path, split: &Path, extra: &[&str]) -> Ou
 /// One golden case: `settings` as `--set`s and as the reference's JSON.
 struct Case {
     name: &'static str,
+    /// `sfron` or one of its ablations (the reference's `ablation`).
+    method: &'static str,
     arch: &'static str,
     sets: &'static [(&'static str, &'static str)],
     /// The clip must bind at least once (`Some(true)`) or never (`Some(false)`).
@@ -116,6 +118,7 @@ struct Case {
 
 const CASES: &[Case] = &[
     Case {
+        method: "sfron",
         name: "beta1-lambda0.5-clip-binding",
         arch: "mnist_cnn",
         sets: &[
@@ -127,12 +130,14 @@ const CASES: &[Case] = &[
     },
     // The released float32 losses, whose zeros weigh 1e15.
     Case {
+        method: "sfron",
         name: "released-loss-precision",
         arch: "mnist_cnn",
         sets: &[("sfron.loss_precision", "released"), ("sfron.clip", "0.05")],
         clip_binds: Some(true),
     },
     Case {
+        method: "sfron",
         name: "beta0.5-lambda0-clip-loose",
         arch: "mnist_cnn",
         sets: &[
@@ -143,6 +148,7 @@ const CASES: &[Case] = &[
         clip_binds: Some(false),
     },
     Case {
+        method: "sfron",
         name: "beta0.5-lambda0.5-clip-binding",
         arch: "mnist_cnn",
         sets: &[
@@ -153,6 +159,7 @@ const CASES: &[Case] = &[
         clip_binds: Some(true),
     },
     Case {
+        method: "sfron",
         name: "beta1-lambda0-noclip-bn",
         arch: "mnist_cnn_bn",
         // Unclipped ascent at α = 25 makes the BN model's loss explode within
@@ -169,6 +176,7 @@ const CASES: &[Case] = &[
     // AdamW turns the rounding noise of gradient-free parameters (a conv bias
     // before BatchNorm) into full-size steps: it is checked without BatchNorm.
     Case {
+        method: "sfron",
         name: "adamw-soft",
         arch: "mnist_cnn",
         sets: &[
@@ -182,12 +190,43 @@ const CASES: &[Case] = &[
         clip_binds: None,
     },
     Case {
+        method: "sfron",
         name: "frozen-bn-on-forget",
         arch: "mnist_cnn_bn",
         sets: &[
             ("sfron.freeze_bn_on_forget", "true"),
             ("sfron.clip", "0.05"),
         ],
+        clip_binds: Some(true),
+    },
+    // The ablations of Table 4 (unlearn::sfron::Ablation), each defined
+    // again in the reference from the paper's components.
+    Case {
+        method: "sfron_r",
+        name: "ablation-r",
+        arch: "mnist_cnn",
+        sets: &[],
+        clip_binds: Some(false),
+    },
+    Case {
+        method: "sfron_r_on",
+        name: "ablation-r-on",
+        arch: "mnist_cnn",
+        sets: &[("sfron.clip", "0.05")],
+        clip_binds: Some(true),
+    },
+    Case {
+        method: "sfron_f_r_on",
+        name: "ablation-f-r-on",
+        arch: "mnist_cnn_bn",
+        sets: &[("sfron.clip", "0.05")],
+        clip_binds: Some(true),
+    },
+    Case {
+        method: "sfron_joint",
+        name: "ablation-joint",
+        arch: "mnist_cnn",
+        sets: &[("sfron.clip", "0.05"), ("sfron.beta", "0.5")],
         clip_binds: Some(true),
     },
 ];
@@ -200,7 +239,11 @@ fn settings_json(case: &Case, iterations: u64) -> String {
         "iterations": iterations, "forget_every": 2, "alpha": 25.0, "clip": 7.0,
         "lambda": 0.5, "gamma": 1.0, "beta": 1.0, "saliency": "hard", "soft_max": 100.0,
         "freeze_bn_on_forget": false, "loss_precision": "exact",
+        "ablation": case.method.strip_prefix("sfron").unwrap().trim_start_matches('_'),
     });
+    if v["ablation"] == "" {
+        v["ablation"] = "full".into();
+    }
     for (k, val) in case.sets {
         let key = k.split('.').nth(1).unwrap();
         v[key] = match *val {
@@ -223,7 +266,8 @@ fn sfron_matches_the_pytorch_reference() {
         let mut sets = small(&root, case.name, case.arch);
         sets.extend(case.sets.iter().map(|(k, v)| format!("{k}={v}")));
         let trace = root.join(format!("{}.trace.jsonl", case.name));
-        let o = unlearn(
+        let o = unlearn_with(
+            case.method,
             &sets,
             &f.original(case.arch),
             &f.split(),

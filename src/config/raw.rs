@@ -990,8 +990,8 @@ impl Default for StudySection {
             // SA needs a generative model: not in a classifier's default list.
             methods: UnlearnMethod::NAMES
                 .iter()
-                .filter(|&&n| n != "sa")
                 .map(|n| UnlearnMethod::try_from(n.to_string()).expect("a listed name"))
+                .filter(|&m| m != UnlearnMethod::Sa && !m.is_ablation())
                 .collect(),
             original: String::new(),
             snapshot_per_class: 0,
@@ -1005,6 +1005,17 @@ string_enum! {
     UnlearnMethod {
         /// SFR-on (DESIGN §1.1-1.2).
         Sfron => "sfron",
+        /// SFR-on's component ablations (Table 4 of the paper; the
+        /// `[sfron]` settings, some components off: `unlearn::sfron::Ablation`).
+        /// R: the remain steps alone.
+        SfronR => "sfron_r",
+        /// R + on: remain steps interleaved with plain gradient ascent (λ = 0, no mask).
+        SfronROn => "sfron_r_on",
+        /// F + R + on: adaptive forget weights, no saliency mask.
+        SfronFROn => "sfron_f_r_on",
+        /// S + F + R, joint: one step on the sum of the masked, clipped forget
+        /// gradient and the remain gradient instead of two interleaved steps.
+        SfronJoint => "sfron_joint",
         /// Fine-tuning on the remain set.
         Ft => "ft",
         /// Gradient ascent on the forget set.
@@ -1021,6 +1032,24 @@ string_enum! {
         L1Sparse => "l1_sparse",
         /// Selective Amnesia (diffusion models only).
         Sa => "sa",
+    }
+}
+
+impl UnlearnMethod {
+    /// One of SFR-on's component ablations (listed in a study explicitly).
+    pub fn is_ablation(self) -> bool {
+        matches!(
+            self,
+            UnlearnMethod::SfronR
+                | UnlearnMethod::SfronROn
+                | UnlearnMethod::SfronFROn
+                | UnlearnMethod::SfronJoint
+        )
+    }
+
+    /// SFR-on or one of its ablations (they share `[sfron]`).
+    pub fn is_sfron(self) -> bool {
+        self == UnlearnMethod::Sfron || self.is_ablation()
     }
 }
 

@@ -466,6 +466,31 @@ impl<'a> Engine<'a> {
     /// clipped to a global L2 norm, then the optimizer steps at `lr` (or the
     /// step is skipped under the non-finite policy). `what` names the step.
     pub fn finish(&mut self, out: &mut Outcome, edit: &Edit, lr: f64, what: &str) -> Result<()> {
+        self.edit(out, edit);
+        let frozen = match edit.mask {
+            Some(mask) if edit.freeze_masked && out.applied => Some((mask, self.param_copies())),
+            _ => None,
+        };
+        self.step(out, lr, what)?;
+        if let Some((mask, before)) = frozen {
+            // θ ← θ_before + M ⊙ (θ − θ_before): masked entries stay put.
+            tch::no_grad(|| {
+                let mut offset = 0;
+                for (p, q) in self.params.iter().zip(&before) {
+                    let n = p.numel() as i64;
+                    let m = mask.narrow(0, offset, n).view(p.size().as_slice());
+                    offset += n;
+                    let kept = q + (p - q) * m;
+                    p.shallow_clone().copy_(&kept);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The first half of [`Engine::finish`]: the reduced gradient masked and
+    /// clipped as `edit` says, in place, and `out.step_norm` set; no step.
+    pub fn edit(&mut self, out: &mut Outcome, edit: &Edit) {
         if out.applied {
             let g = self.flat_grad();
             let masked = |g: &Tensor| {
@@ -491,25 +516,6 @@ impl<'a> Engine<'a> {
                 out.step_norm = g.norm().double_value(&[]);
             }
         }
-        let frozen = match edit.mask {
-            Some(mask) if edit.freeze_masked && out.applied => Some((mask, self.param_copies())),
-            _ => None,
-        };
-        self.step(out, lr, what)?;
-        if let Some((mask, before)) = frozen {
-            // θ ← θ_before + M ⊙ (θ − θ_before): masked entries stay put.
-            tch::no_grad(|| {
-                let mut offset = 0;
-                for (p, q) in self.params.iter().zip(&before) {
-                    let n = p.numel() as i64;
-                    let m = mask.narrow(0, offset, n).view(p.size().as_slice());
-                    offset += n;
-                    let kept = q + (p - q) * m;
-                    p.shallow_clone().copy_(&kept);
-                }
-            });
-        }
-        Ok(())
     }
 
     /// Detached copies of the parameters (e.g. the slow weights' θ_prev).

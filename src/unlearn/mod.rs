@@ -320,15 +320,22 @@ impl Session<'_> {
     /// A plain step of the task's loss on `which` in train mode:
     /// cross-entropy (FT's step, SFR-on's remain step) or the denoising loss.
     pub fn task_step(&mut self, which: Which, t: u64, lr: f64, edit: &Edit) -> Result<Outcome> {
-        let mut out = match self.task.task() {
-            Task::Classify => self.backward(which, t, true, &mut ce)?,
-            Task::Denoise => self.denoise_backward(which, t, true, &mut |m, den, rows| {
-                diffusion::loss::per_sample(m, den, rows, true)
-            })?,
-        };
+        let mut out = self.task_backward(which, t)?;
         let what = format!("iteration {t} ({} step)", which.name());
         self.finish(&mut out, edit, lr, &what)?;
         Ok(out)
+    }
+
+    /// The first half of [`Session::task_step`]: forward, backward and the
+    /// reduction of the task's loss (the mean gradient is in
+    /// `engine.flat_grad()`).
+    pub fn task_backward(&mut self, which: Which, t: u64) -> Result<Outcome> {
+        match self.task.task() {
+            Task::Classify => self.backward(which, t, true, &mut ce),
+            Task::Denoise => self.denoise_backward(which, t, true, &mut |m, den, rows| {
+                diffusion::loss::per_sample(m, den, rows, true)
+            }),
+        }
     }
 
     /// [`Session::task_step`] without edits.
@@ -429,7 +436,11 @@ fn method_section(plan: &RunPlan) -> serde_json::Value {
     let raw = &plan.config.raw;
     let denoiser = plan.model.arch.task() == Task::Denoise;
     let v = match plan.unlearn.method {
-        UnlearnMethod::Sfron => {
+        UnlearnMethod::Sfron
+        | UnlearnMethod::SfronR
+        | UnlearnMethod::SfronROn
+        | UnlearnMethod::SfronFROn
+        | UnlearnMethod::SfronJoint => {
             let mut sfron = raw.sfron.clone();
             sfron.fisher_cache = String::new();
             serde_json::to_value(&sfron)
@@ -468,7 +479,14 @@ fn method(plan: &RunPlan) -> Box<dyn Method> {
     let b = &plan.baselines;
     let denoiser = plan.model.arch.task() == Task::Denoise;
     match plan.unlearn.method {
-        UnlearnMethod::Sfron => Box::new(sfron::Sfron::new(plan.sfron.clone())),
+        m @ (UnlearnMethod::Sfron
+        | UnlearnMethod::SfronR
+        | UnlearnMethod::SfronROn
+        | UnlearnMethod::SfronFROn
+        | UnlearnMethod::SfronJoint) => Box::new(sfron::Sfron::new(
+            plan.sfron.clone(),
+            sfron::Ablation::of(m).expect("an SFR-on method"),
+        )),
         UnlearnMethod::Ft => Box::new(ft::Ft::new(b.ft)),
         UnlearnMethod::Ga => Box::new(ga::Ga::new(b.ga)),
         // On a diffusion model: the DDPM release's relabelling (module docs).

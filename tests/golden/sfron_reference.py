@@ -23,6 +23,13 @@ Exits 1 only when a hard mask disagrees where the saliency is not within
 own Fisher). SFRON_REFERENCE_VERBOSE=1 also prints each tensor's
 difference to stderr.
 
+settings["ablation"] selects a variant of the paper's Table 4, defined
+here from the paper's components: "full" (S + F + R + on), "r" (the remain
+steps alone: no forget step, no mask), "r_on" (plain gradient ascent,
+lambda 0, no mask), "f_r_on" (no mask), "joint" (at a forget iteration the
+masked, clipped forget gradient is added to the remain gradient and one
+optimizer step is taken). Without a mask there is no Fisher to compare.
+
 The forget losses follow sfron.loss_precision, written here independently:
 "exact" as log1p(Σ_{j≠y} exp(z_j − z_y)) in float64, "released" as
 float32 F.cross_entropy.
@@ -87,6 +94,11 @@ def main():
         ap.add_argument(name, required=True)
     a = ap.parse_args()
     s = json.loads(a.settings)
+    ablation = s.get("ablation", "full")
+    if ablation in ("r", "r_on", "f_r_on"):
+        s["saliency"] = "none"
+    if ablation == "r_on":
+        s["lambda"] = 0.0
     torch.set_num_threads(int(os.environ.get("SFRON_TEST_THREADS", "1")))  # as sfron (tests/support)
     torch.use_deterministic_algorithms(True)
 
@@ -108,10 +120,11 @@ def main():
                 trace[r["phase"]][r["t"]] = idx
 
     # 1.1 Saliency.
-    f_forget = fisher(model, trace["fisher_forget"], x, y)
-    f_remain = fisher(model, trace["fisher_remain"], x, y)
-    ratio = {n: (f_forget[n] + 1e-15) / (f_remain[n] + 1e-15) for n in f_forget}
     report = {}
+    if s["saliency"] != "none":
+        f_forget = fisher(model, trace["fisher_forget"], x, y)
+        f_remain = fisher(model, trace["fisher_remain"], x, y)
+        ratio = {n: (f_forget[n] + 1e-15) / (f_remain[n] + 1e-15) for n in f_forget}
     if s["saliency"] == "hard":
         mask = {n: (r >= s["gamma"]).float() for n, r in ratio.items()}
         # A hard mask may legitimately differ where S is within rounding of
@@ -160,7 +173,8 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         prev = [p.detach().clone() for p in params]
-        if t % s["forget_every"] == 0:
+        pushed = None
+        if t % s["forget_every"] == 0 and ablation != "r":
             alpha = s["alpha"] * cosine(t, total)
             idx = trace["forget"][t]
             model.train()
@@ -181,11 +195,18 @@ def main():
             if s["clip"] > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, s["clip"])
                 clip_bound += int(norm.item() > s["clip"])
-            path.step(opt, lr)
+            if ablation == "joint":
+                pushed = [p.grad.clone() for p in params]
+            else:
+                path.step(opt, lr)
         idx = trace["remain"][t]
         model.train()
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
+        if pushed is not None:
+            with torch.no_grad():
+                for p, g in zip(params, pushed):
+                    p.grad += g
         path.step(opt, lr)
         if s["beta"] < 1:
             with torch.no_grad():
@@ -194,14 +215,18 @@ def main():
 
     # Compare with sfron.
     report["clip_bound"] = clip_bound
-    sf = load_file(os.path.join(a.run, "fisher.safetensors"))
-    for prefix, ref in (("forget.", f_forget), ("remain.", f_remain)):
-        ours = {n: sf[prefix + n] for n in ref}
-        report["fisher"] = max(report.get("fisher", 0.0), rel_l2(ours, ref))
-        for n in ref:
-            r = rel_l2({n: ours[n]}, {n: ref[n]})
-            if r > report.get("fisher_tensor", -1.0):
-                report["fisher_tensor"], report["fisher_worst"] = r, prefix + n
+    if s["saliency"] != "none":
+        sf = load_file(os.path.join(a.run, "fisher.safetensors"))
+        for prefix, ref in (("forget.", f_forget), ("remain.", f_remain)):
+            ours = {n: sf[prefix + n] for n in ref}
+            report["fisher"] = max(report.get("fisher", 0.0), rel_l2(ours, ref))
+            for n in ref:
+                r = rel_l2({n: ours[n]}, {n: ref[n]})
+                if r > report.get("fisher_tensor", -1.0):
+                    report["fisher_tensor"], report["fisher_worst"] = r, prefix + n
+    elif os.path.exists(os.path.join(a.run, "fisher.safetensors")):
+        print("a run without a mask wrote a Fisher", file=sys.stderr)
+        sys.exit(1)
     bad = []
     if mask is not None:
         if s["saliency"] == "hard":
