@@ -622,3 +622,159 @@ fn cifar_train_transform_pads_with_zero_and_flips() {
     }
     assert!(seen_pad, "50 random crops never showed padding");
 }
+
+/// TinyImageNet as released (tiny-imagenet-200.zip): `train/<wnid>/images/
+/// <wnid>_<k>.JPEG` beside `<wnid>_boxes.txt`, and a flat `val/images/`
+/// whose labels are in `val/val_annotations.txt` (file, wnid, box). The
+/// validation classes are the training folders' (sorted wnids); without
+/// the annotations file, opening it and `sfron train` are refused naming
+/// the file (exit 2, no run folder).
+#[test]
+fn tinyimagenet_as_released_reads_the_validation_annotations() {
+    let root = temp_dir("tiny");
+    let wnids = ["n02124075", "n01443537", "n09246464"];
+    for (c, wnid) in wnids.iter().enumerate() {
+        let dir = root.join("train").join(wnid).join("images");
+        std::fs::create_dir_all(&dir).unwrap();
+        for k in 0..2 {
+            pattern(64, 64, (c * 2 + k) as u8)
+                .save_with_format(
+                    dir.join(format!("{wnid}_{k}.JPEG")),
+                    image::ImageFormat::Png,
+                )
+                .unwrap();
+        }
+        std::fs::write(
+            root.join("train")
+                .join(wnid)
+                .join(format!("{wnid}_boxes.txt")),
+            "",
+        )
+        .unwrap();
+    }
+    let val = root.join("val/images");
+    std::fs::create_dir_all(&val).unwrap();
+    let mut annotations = String::new();
+    for (k, wnid) in ["n09246464", "n01443537", "n09246464", "n02124075"]
+        .iter()
+        .enumerate()
+    {
+        pattern(64, 64, 40 + k as u8)
+            .save_with_format(val.join(format!("val_{k}.JPEG")), image::ImageFormat::Png)
+            .unwrap();
+        annotations.push_str(&format!("val_{k}.JPEG\t{wnid}\t0\t0\t63\t63\n"));
+    }
+    std::fs::write(root.join("val/val_annotations.txt"), &annotations).unwrap();
+
+    let train = Dataset::open(Format::ImageFolder, &root, Part::Train).unwrap();
+    assert_eq!(train.classes, vec!["n01443537", "n02124075", "n09246464"]);
+    assert_eq!(train.labels, vec![0, 0, 1, 1, 2, 2]);
+    let test = Dataset::open(Format::ImageFolder, &root, Part::Test).unwrap();
+    assert_eq!(test.classes, train.classes);
+    assert_eq!(
+        test.ids,
+        [
+            "images/val_0.JPEG",
+            "images/val_1.JPEG",
+            "images/val_2.JPEG",
+            "images/val_3.JPEG"
+        ]
+    );
+    assert_eq!(test.labels, vec![2, 0, 2, 1]);
+    assert_eq!(test.load(3).unwrap().data, pattern(64, 64, 43).into_raw());
+
+    // An unknown class in the annotations names the line.
+    std::fs::write(
+        root.join("val/val_annotations.txt"),
+        "val_0.JPEG\tn00000000\t0\t0\t1\t1\n",
+    )
+    .unwrap();
+    let err = Dataset::open(Format::ImageFolder, &root, Part::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 1") && err.contains("n00000000"), "{err}");
+
+    std::fs::remove_file(root.join("val/val_annotations.txt")).unwrap();
+    let err = Dataset::open(Format::ImageFolder, &root, Part::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("val_annotations.txt") && err.contains("not found"),
+        "{err}"
+    );
+    let sets = vec![
+        format!("run.root={}", root.join("runs").display()),
+        "run.name=tiny".to_string(),
+        "data.format=imagefolder".into(),
+        format!("data.root={}", root.display()),
+        "data.workers=0".into(),
+        "data.transform=imagenet".into(),
+        "model.arch=resnet18".into(),
+        "train.max_steps=1".into(),
+    ];
+    support::assert_refused(&root, "tiny", &sets, &["train"], "val_annotations.txt");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The release's TinyImageNet transform (tests/golden/
+/// tinyimagenet_transform_reference.py: `Resize(224, BICUBIC)` of the
+/// uint8 tensor, /255, ImageNet normalisation) on a noisy 64 × 64 image:
+/// within one intensity level. Error model: libtorch interpolates in
+/// float32, sfron in float64, with the same weights; the values agree to
+/// ~1e-4 levels and only a value within that of a half level can round to
+/// the neighbouring level (Pillow's 8-bit passes would be ~20 levels off,
+/// so the test tells the two apart). A non-square image is refused.
+#[test]
+fn tinyimagenet_transform_matches_the_release() {
+    let dir = temp_dir("tiny-transform");
+    let mut rng = Rng::keyed(&[7]);
+    let img = image::RgbImage::from_fn(64, 64, |x, y| {
+        let base =
+            |c: u32| 127.0 + 100.0 * ((x as f64 / 5.0 + c as f64).sin() * (y as f64 / 3.0).cos());
+        image::Rgb(
+            [0, 1, 2].map(|c| (base(c) + rng.uniform_in(-40.0, 40.0)).clamp(0.0, 255.0) as u8),
+        )
+    });
+    let png = dir.join("in.png");
+    img.save_with_format(&png, image::ImageFormat::Png).unwrap();
+    let out = dir.join("out.safetensors");
+    support::run_python(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/tinyimagenet_transform_reference.py"
+        ),
+        &[png.as_os_str(), out.as_os_str()],
+    );
+    let t = Transform::tinyimagenet();
+    assert_eq!(t.shape, [3, 224, 224]);
+    let decoded = sfron::data::dataset::decode(&std::fs::read(&png).unwrap()).unwrap();
+    let mut ours = vec![0f32; t.numel()];
+    let mut resizer = fast_image_resize::Resizer::new();
+    t.apply(&decoded, &mut Rng::keyed(&[0]), &mut resizer, &mut ours)
+        .unwrap();
+    let reference = sfron::model::weights::load(&out).unwrap().0.remove(0).1;
+    let npy = dir.join("ref.npy");
+    reference.write_npy(&npy).unwrap();
+    let std = [0.229f32, 0.224, 0.225];
+    let reference = Vec::<f32>::try_from(reference.flatten(0, -1)).unwrap();
+    let mut worst = 0f32;
+    for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+        worst = worst.max((a - b).abs() * std[i / (224 * 224)] * 255.0);
+    }
+    println!("tinyimagenet transform: worst difference {worst:.4} intensity levels");
+    assert!(
+        worst <= 1.0 + 1e-3,
+        "worst difference {worst:.3} intensity levels"
+    );
+    let wide = sfron::data::Image {
+        width: 64,
+        height: 32,
+        channels: 3,
+        data: vec![0; 64 * 32 * 3],
+    };
+    let err = t
+        .apply(&wide, &mut Rng::keyed(&[0]), &mut resizer, &mut ours)
+        .unwrap_err();
+    assert!(err.contains("64x32"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

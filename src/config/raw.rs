@@ -246,6 +246,10 @@ string_enum! {
         Cifar10Released => "cifar10_released",
         Cifar100 => "cifar100",
         ImageNet => "imagenet",
+        /// The SFR-on release's TinyImageNet transform: bicubic resize of
+        /// the 64 × 64 images to 224, ImageNet's mean and std (its training
+        /// RandAugment is not implemented: train and test transforms agree).
+        TinyImageNet => "tinyimagenet",
         /// Pixels rescaled to [−1, 1], nothing else (a denoiser's data).
         Diffusion => "diffusion",
         /// [−1, 1] with a random horizontal flip in training (the

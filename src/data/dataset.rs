@@ -5,7 +5,7 @@
 //! | `mnist` | `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` | `train` / `t10k` |
 //! | `cifar10` | `data_batch_{1..5}.bin`, `test_batch.bin` (or under `cifar-10-batches-bin/`) | batches / test batch |
 //! | `cifar100` | `train.bin`, `test.bin` (or under `cifar-100-binary/`); fine labels | `train` / `test` |
-//! | `imagefolder` | `{train,val}/<class>/**/*.{jpg,jpeg,png}`, classes sorted by name as torchvision | `train` / `val` |
+//! | `imagefolder` | `{train,val}/<class>/**/*.{jpg,jpeg,png}`, classes sorted by name as torchvision; or TinyImageNet's released `val/images/*` with `val/val_annotations.txt` | `train` / `val` |
 //! | `tar` | `{train,val}/*.tar` WebDataset shards: `<key>.{jpg,jpeg,png}` + `<key>.cls` | `train` / `val` |
 //!
 //! MNIST and CIFAR are decoded into memory at open time (they are small);
@@ -621,13 +621,120 @@ fn walk_images(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> Result<(), DataErro
     Ok(())
 }
 
+/// TinyImageNet's released validation labels: one line per image,
+/// `<file>\t<wnid>\t<box>`, the images flat under `val/images/`.
+const TINY_ANNOTATIONS: &str = "val_annotations.txt";
+
+/// Whether `dir` (a validation folder) has TinyImageNet's released layout:
+/// an `images/` folder of images rather than class folders, or the
+/// annotations file.
+fn is_tiny_val(dir: &Path) -> Result<bool, DataError> {
+    if dir.join(TINY_ANNOTATIONS).is_file() {
+        return Ok(true);
+    }
+    let images = dir.join("images");
+    if !images.is_dir() {
+        return Ok(false);
+    }
+    Ok(sorted_entries(&images)?
+        .iter()
+        .any(|e| is_image_name(&e.file_name().to_string_lossy()) && e.path().is_file()))
+}
+
+/// TinyImageNet's validation folder as released (`val/images/*.JPEG`,
+/// labels in `val/val_annotations.txt`); the classes are the training
+/// folder's (sorted wnids, as ImageFolder orders them).
+fn open_tiny_val(root: &Path, dir: &Path) -> Result<Dataset, DataError> {
+    let annotations = dir.join(TINY_ANNOTATIONS);
+    if !annotations.is_file() {
+        return Err(DataError::file(
+            &annotations,
+            "not found: val/images holds TinyImageNet's validation images without class \
+             folders, and their labels are in this file (tiny-imagenet-200.zip has it)",
+        ));
+    }
+    let train = part_dir(root, Part::Train)?;
+    let classes: Vec<String> = sorted_entries(&train)?
+        .iter()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let text = std::fs::read_to_string(&annotations)
+        .map_err(|e| DataError::file(&annotations, e.to_string()))?;
+    let mut rows = Vec::new();
+    for (k, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let mut fields = line.split('\t');
+        let (Some(file), Some(wnid)) = (fields.next(), fields.next()) else {
+            return Err(DataError::file(
+                &annotations,
+                format!("line {}: expected <file>\\t<wnid>, got {line:?}", k + 1),
+            ));
+        };
+        let label = classes
+            .binary_search_by(|c| c.as_str().cmp(wnid))
+            .map_err(|_| {
+                DataError::file(
+                    &annotations,
+                    format!(
+                        "line {}: class {wnid:?} has no folder under {}",
+                        k + 1,
+                        train.display()
+                    ),
+                )
+            })?;
+        rows.push((file.to_string(), label as i64));
+    }
+    rows.sort();
+    let mut files = Vec::with_capacity(rows.len());
+    for (file, label) in rows {
+        let path = dir.join("images").join(&file);
+        let size = std::fs::metadata(&path)
+            .map_err(|e| DataError::file(&path, format!("{e} (listed in {TINY_ANNOTATIONS})")))?
+            .len();
+        files.push((format!("images/{file}"), path, size, label));
+    }
+    Ok(files_dataset(root, Part::Test, classes, files))
+}
+
+/// An ImageFolder-format dataset of `files` (id, path, size, label), its
+/// fingerprint over the ids, sizes and labels in order.
+fn files_dataset(
+    root: &Path,
+    part: Part,
+    classes: Vec<String>,
+    files: Vec<(String, PathBuf, u64, i64)>,
+) -> Dataset {
+    let mut hasher = Sha256::new();
+    let (mut ids, mut paths, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, path, size, label) in files {
+        hasher.update(format!("{id}\0{size}\0{label}\n").as_bytes());
+        ids.push(id);
+        paths.push(path);
+        labels.push(label);
+    }
+    Dataset {
+        format: Format::ImageFolder,
+        part,
+        root: root.into(),
+        fingerprint: finish_fingerprint(Format::ImageFolder, labels.len(), &classes, hasher),
+        classes,
+        labels,
+        ids,
+        store: Store::Files(paths),
+    }
+}
+
 fn open_image_folder(root: &Path, part: Part) -> Result<Dataset, DataError> {
     let dir = part_dir(root, part)?;
+    if part == Part::Test && is_tiny_val(&dir)? {
+        return open_tiny_val(root, &dir);
+    }
     let mut classes = Vec::new();
-    let mut paths = Vec::new();
-    let mut labels = Vec::new();
-    let mut ids = Vec::new();
-    let mut hasher = Sha256::new();
+    let mut rows = Vec::new();
     for entry in sorted_entries(&dir)? {
         if !entry.path().is_dir() {
             continue;
@@ -642,26 +749,13 @@ fn open_image_folder(root: &Path, part: Part) -> Result<Dataset, DataError> {
                 .unwrap_or(&path)
                 .to_string_lossy()
                 .into_owned();
-            hasher.update(format!("{id}\0{size}\0{label}\n").as_bytes());
-            ids.push(id);
-            paths.push(path);
-            labels.push(label);
+            rows.push((id, path, size, label));
         }
     }
     if classes.is_empty() {
         return Err(DataError::file(&dir, "has no class folders"));
     }
-    let n = labels.len();
-    Ok(Dataset {
-        format: Format::ImageFolder,
-        part,
-        root: root.into(),
-        fingerprint: finish_fingerprint(Format::ImageFolder, n, &classes, hasher),
-        classes,
-        labels,
-        ids,
-        store: Store::Files(paths),
-    })
+    Ok(files_dataset(root, part, classes, rows))
 }
 
 fn open_tar(root: &Path, part: Part) -> Result<Dataset, DataError> {

@@ -56,6 +56,11 @@ pub enum Recipe {
     /// encode` feeds the VAE), then normalise: the real images a latent
     /// model's samples are compared with.
     AdmCrop { size: usize },
+    /// torchvision's `Resize(size, interpolation=BICUBIC)` of a square
+    /// uint8 tensor to `size × size` ([`tensor_bicubic_resize`]), then
+    /// normalise: the SFR-on release's TinyImageNet transform (its images
+    /// are pickled tensors, not PIL images).
+    ResizeBicubic { size: usize },
 }
 
 /// A posterior draw of a latent sample (see [`Recipe::Latent`]): `img`
@@ -159,6 +164,21 @@ impl Transform {
         }
     }
 
+    /// The SFR-on release's TinyImageNet transform
+    /// (`Classification/dataset/tinyimagenet.py`): `Resize(224, BICUBIC)`
+    /// of the 64 × 64 images, ImageNet's mean and std. The release trains
+    /// with `RandAugment(num_ops=2, magnitude=2)` after the resize, which
+    /// sfron does not implement: the training transform here is the resize
+    /// alone (the same as the test transform).
+    pub fn tinyimagenet() -> Self {
+        Transform {
+            recipe: Recipe::ResizeBicubic { size: 224 },
+            mean: IMAGENET_MEAN.to_vec(),
+            std: IMAGENET_STD.to_vec(),
+            shape: [3, 224, 224],
+        }
+    }
+
     pub fn imagenet(train: bool) -> Self {
         let recipe = if train {
             Recipe::RandomResizedCrop { size: 224 }
@@ -258,6 +278,16 @@ impl Transform {
             Recipe::AdmCrop { size } => {
                 let crop = adm_center_crop(img, size)?;
                 self.normalize(&crop.data, size, 0, 0, false, out);
+            }
+            Recipe::ResizeBicubic { size } => {
+                if img.width != img.height || img.width == 0 {
+                    return Err(format!(
+                        "is {}x{}: this transform resizes square images to {size}x{size}",
+                        img.width, img.height
+                    ));
+                }
+                let resized = tensor_bicubic_resize(img, size, size);
+                self.normalize(&resized.data, size, 0, 0, false, out);
             }
         }
         Ok(())
@@ -477,9 +507,10 @@ impl PilFilter {
 /// Pillow's fixed-point precision of 8-bit resampling (`PRECISION_BITS`).
 const PIL_PRECISION: u32 = 32 - 8 - 2;
 
-/// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` for one axis:
-/// per output position, the first input index and the fixed-point weights.
-fn pil_coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(usize, Vec<i64>)> {
+/// The normalised filter weights of one axis, per output position: the
+/// first input index and the weights (Pillow's `precompute_coeffs`, which
+/// libtorch's antialiased interpolation computes the same way).
+fn filter_weights(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(usize, Vec<f64>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
@@ -494,10 +525,24 @@ fn pil_coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(
                 .map(|x| filter.weight((x as f64 - center + 0.5) * ss))
                 .collect();
             let total: f64 = weights.iter().sum();
+            let weights = weights
+                .iter()
+                .map(|&w| if total != 0.0 { w / total } else { w })
+                .collect();
+            (xmin, weights)
+        })
+        .collect()
+}
+
+/// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` for one axis:
+/// per output position, the first input index and the fixed-point weights.
+fn pil_coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(usize, Vec<i64>)> {
+    filter_weights(in_size, out_size, filter)
+        .into_iter()
+        .map(|(xmin, weights)| {
             let fixed = weights
                 .iter()
                 .map(|&w| {
-                    let w = if total != 0.0 { w / total } else { w };
                     let v = w * (1u64 << PIL_PRECISION) as f64;
                     (if w < 0.0 { v - 0.5 } else { v + 0.5 }) as i64
                 })
@@ -505,6 +550,50 @@ fn pil_coefficients(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<(
             (xmin, fixed)
         })
         .collect()
+}
+
+/// torchvision's `Resize(interpolation=BICUBIC)` of a uint8 *tensor*
+/// (`F.interpolate(x.float(), mode="bicubic", antialias=True)`, rounded
+/// half to even and clamped to 0..=255): Pillow's bicubic weights, but
+/// both passes in floating point with one rounding at the end, where
+/// Pillow rounds each pass to 8 bits (they differ by up to ~20 levels on
+/// noisy images).
+pub fn tensor_bicubic_resize(img: &Image, out_w: usize, out_h: usize) -> Image {
+    let c = img.channels;
+    let (w, h) = (img.width, img.height);
+    let across = filter_weights(w, out_w, PilFilter::Bicubic);
+    let down = filter_weights(h, out_h, PilFilter::Bicubic);
+    let mut rows = vec![0f64; out_w * h * c];
+    for y in 0..h {
+        for (xx, (xmin, k)) in across.iter().enumerate() {
+            for ch in 0..c {
+                rows[(y * out_w + xx) * c + ch] = k
+                    .iter()
+                    .enumerate()
+                    .map(|(j, kj)| f64::from(img.data[(y * w + xmin + j) * c + ch]) * kj)
+                    .sum();
+            }
+        }
+    }
+    let mut data = vec![0u8; out_w * out_h * c];
+    for (yy, (ymin, k)) in down.iter().enumerate() {
+        for x in 0..out_w {
+            for ch in 0..c {
+                let v: f64 = k
+                    .iter()
+                    .enumerate()
+                    .map(|(j, kj)| rows[((ymin + j) * out_w + x) * c + ch] * kj)
+                    .sum();
+                data[(yy * out_w + x) * c + ch] = v.round_ties_even().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    Image {
+        width: out_w,
+        height: out_h,
+        channels: c,
+        data,
+    }
 }
 
 /// Pillow's `clip8`: the accumulator's integer part, clamped to 0..=255.
