@@ -6,6 +6,7 @@
 //! sfron's keys drew; and the parameter counts are torchvision's.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use sfron::model::swin::{self, RowKeys, Swin, SwinSpec};
 use sfron::model::weights;
@@ -296,5 +297,83 @@ fn bad_swin_inputs_are_refused_and_a_head_is_replaced_on_request() {
     ]);
     let o = support::sfron(&sets, &["train"]);
     assert_eq!(o.status.code(), Some(0), "{}", support::text(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A CPU-sized Swin (patch 2, width 16, two stages of two blocks, window 4,
+/// stochastic depth 0.2) on 32 × 32 RGB images (an ImageFolder of the
+/// shipped digits, padded and coloured, with the CIFAR transform) runs
+/// through `sfron study`: original, Retrain, SFR-on and its R ablation, GA,
+/// evaluations and the report with a row for each.
+#[test]
+fn a_tiny_swin_study_on_32_pixel_images_reports_every_method() {
+    let dir = temp_dir("swin-study");
+    let mnist = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mnist");
+    let digits = sfron::data::dataset::Dataset::open(
+        sfron::data::Format::Mnist,
+        Path::new(mnist),
+        sfron::data::dataset::Part::Train,
+    )
+    .unwrap();
+    let images = dir.join("digits32");
+    for i in 0..500 {
+        let img = digits.load(i).unwrap();
+        let label = digits.labels[i];
+        let part = if i < 400 { "train" } else { "val" };
+        let folder = images.join(part).join(format!("{label}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        let rgb = image::RgbImage::from_fn(32, 32, |x, y| {
+            let v = if (2..30).contains(&x) && (2..30).contains(&y) {
+                img.data[((y - 2) * 28 + x - 2) as usize]
+            } else {
+                0
+            };
+            image::Rgb([v, v / 2 + (label as u8) * 10, 255 - v])
+        });
+        rgb.save(folder.join(format!("{i}.png"))).unwrap();
+    }
+    let sets: Vec<String> = vec![
+        format!("run.root={}", dir.join("runs").display()),
+        "run.name=study".into(),
+        "data.format=imagefolder".into(),
+        format!("data.root={}", images.display()),
+        "data.transform=cifar10".into(),
+        "data.workers=0".into(),
+        format!("device.threads={}", support::threads()),
+        "log.level=warn".into(),
+        "model.arch=swin_t".into(),
+        "model.swin.patch=2".into(),
+        "model.swin.embed_dim=16".into(),
+        "model.swin.depths=[2, 2]".into(),
+        "model.swin.heads=[2, 4]".into(),
+        "model.swin.window=4".into(),
+        "train.batch=32".into(),
+        "train.optimizer=adamw".into(),
+        "train.lr=0.002".into(),
+        "train.max_steps=20".into(),
+        "train.eval_every=0".into(),
+        "study.scenario=random:0.1".into(),
+        r#"study.methods=["sfron", "sfron_r", "ga"]"#.into(),
+        "unlearn.optimizer=adamw".into(),
+        "sfron.iterations=6".into(),
+        "sfron.lr=1e-4".into(),
+        "sfron.alpha=5".into(),
+        "sfron.fisher_remain_batches=2".into(),
+        "ga.epochs=1".into(),
+        "ga.lr=1e-5".into(),
+    ];
+    let o = support::sfron(&sets, &["study"]);
+    let text = support::text(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    let md = std::fs::read_to_string(dir.join("runs/study/report.md")).unwrap();
+    for row in [
+        "| Original |",
+        "| Retrain |",
+        "| SFR-on |",
+        "| SFR-on: R |",
+        "| GA |",
+    ] {
+        assert!(md.contains(row), "{row:?} not in report.md:\n{md}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

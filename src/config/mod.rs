@@ -135,11 +135,10 @@ pub fn load(layers: &Layers) -> Result<LoadedConfig, ConfigError> {
         config::Config::builder().add_source(Layer::from_toml(&defaults, DEFAULT_ORIGIN));
     let mut sources = vec!["defaults".to_string()];
     if let Some(path) = &layers.file {
-        builder = builder.add_source(Layer::from_toml(
-            &read_toml(path)?,
-            &path.display().to_string(),
-        ));
-        sources.push(path.display().to_string());
+        for (toml, path) in preset_chain(path)? {
+            builder = builder.add_source(Layer::from_toml(&toml, &path.display().to_string()));
+            sources.push(path.display().to_string());
+        }
     }
     for (var, value) in &layers.env {
         let Some((_, key)) = ENV_KEYS.iter().find(|(v, _)| v == var) else {
@@ -183,6 +182,38 @@ pub fn load(layers: &Layers) -> Result<LoadedConfig, ConfigError> {
         origins,
         sources,
     })
+}
+
+/// How many presets a `base` chain may hold (a cycle stops here).
+const MAX_BASES: usize = 4;
+
+/// A configuration file and the presets it builds on, lowest first: a
+/// top-level `base = "FILE"` (relative to the file) layers the file over
+/// that preset, for scenario presets that change a few keys of another.
+fn preset_chain(path: &Path) -> Result<Vec<(toml::Value, PathBuf)>, ConfigError> {
+    let mut chain = Vec::new();
+    let mut next = Some(path.to_path_buf());
+    while let Some(path) = next.take() {
+        if chain.len() > MAX_BASES {
+            return Err(ConfigError::File {
+                path,
+                message: format!("more than {MAX_BASES} presets deep through `base` (a cycle?)"),
+            });
+        }
+        let mut toml = read_toml(&path)?;
+        if let Some(base) = toml.as_table_mut().and_then(|t| t.remove("base")) {
+            let Some(base) = base.as_str() else {
+                return Err(ConfigError::File {
+                    path,
+                    message: "`base` must be the path of a preset, a string".into(),
+                });
+            };
+            next = Some(path.parent().unwrap_or(Path::new(".")).join(base));
+        }
+        chain.push((toml, path));
+    }
+    chain.reverse();
+    Ok(chain)
 }
 
 fn read_toml(path: &Path) -> Result<toml::Value, ConfigError> {

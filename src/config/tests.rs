@@ -374,6 +374,19 @@ fn every_shipped_preset_gives_a_valid_plan() {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             RunPlan::new(loaded, &Topology::single(), 2)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // Its header says whether its values were measured with sfron
+            // ("Measured: no. Carried over ..." or "Measured with sfron (where) ...").
+            let text = std::fs::read_to_string(&path).unwrap();
+            let header: Vec<&str> = text
+                .lines()
+                .take_while(|l| l.starts_with('#') || l.trim().is_empty())
+                .collect();
+            let reference = path.file_name().is_some_and(|n| n == "reference.toml");
+            assert!(
+                reference || header.iter().any(|l| l.starts_with("# Measured")),
+                "{}: the header has no \"# Measured\" line",
+                path.display()
+            );
             seen += 1;
         }
     }
@@ -442,4 +455,26 @@ fn device_and_comm_keys_are_validated() {
     assert_eq!(plan.comm.bucket_mib, 0.0);
     assert_eq!(plan.precision, crate::config::raw::Precision::Bf16);
     assert!(plan.channels_last);
+}
+
+#[test]
+fn a_preset_builds_on_its_base_and_a_cycle_is_refused() {
+    temp_toml("base.toml", "[run]\nseed = 3\n[train]\nepochs = 7\n");
+    let child = temp_toml("child.toml", "base = \"base.toml\"\n[train]\nepochs = 9\n");
+    let loaded = load(&Layers {
+        file: Some(child),
+        ..Layers::default()
+    })
+    .unwrap();
+    assert_eq!((loaded.raw.run.seed, loaded.raw.train.epochs), (3, 9));
+    assert!(loaded.origin("run.seed").ends_with("base.toml"));
+    assert!(loaded.origin("train.epochs").ends_with("child.toml"));
+
+    let a = temp_toml("cycle-a.toml", "base = \"cycle-b.toml\"\n");
+    temp_toml("cycle-b.toml", "base = \"cycle-a.toml\"\n");
+    let msg = error_of(&Layers {
+        file: Some(a),
+        ..Layers::default()
+    });
+    assert!(msg.contains("base") && msg.contains("cycle"), "{msg}");
 }
