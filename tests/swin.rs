@@ -220,6 +220,16 @@ fn heads_are_replaced_only_when_asked_and_variants_do_not_mix() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A small Swin's `--set`s: patch 2, width 16, two stages of two blocks
+/// (window 7 on 28 × 28; the study sets window 4 for 32 × 32).
+const SMALL_SWIN: [&str; 5] = [
+    "model.arch=swin_t",
+    "model.swin.patch=2",
+    "model.swin.embed_dim=16",
+    "model.swin.depths=[2, 2]",
+    "model.swin.heads=[2, 4]",
+];
+
 /// `sfron train` of a small Swin on the digits from weights: each bad
 /// input exits 2 naming the key or file, with no run folder: an image side
 /// the Swin cannot tile (swin_t's 224 against the digits' 28), another
@@ -249,7 +259,7 @@ fn bad_swin_inputs_are_refused_and_a_head_is_replaced_on_request() {
     let other = small(&[2, 4], 10, "swin-other-variant.safetensors");
     let seven = small(&[2, 2], 7, "swin-seven.safetensors");
     let base = |name: &str| {
-        vec![
+        let mut sets = vec![
             format!("run.root={}", dir.join("runs").display()),
             format!("run.name={name}"),
             format!("data.root={mnist}"),
@@ -257,15 +267,12 @@ fn bad_swin_inputs_are_refused_and_a_head_is_replaced_on_request() {
             "data.workers=0".into(),
             format!("device.threads={}", support::threads()),
             "log.level=warn".into(),
-            "model.arch=swin_t".into(),
-            "model.swin.patch=2".into(),
-            "model.swin.embed_dim=16".into(),
-            "model.swin.depths=[2, 2]".into(),
-            "model.swin.heads=[2, 4]".into(),
             "train.batch=16".into(),
             "train.max_steps=2".into(),
             "train.eval_every=0".into(),
-        ]
+        ];
+        sets.extend(SMALL_SWIN.map(String::from));
+        sets
     };
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
         ("side", vec!["model.swin.patch=0".into()], "model.swin"),
@@ -332,7 +339,7 @@ fn a_tiny_swin_study_on_32_pixel_images_reports_every_method() {
         });
         rgb.save(folder.join(format!("{i}.png"))).unwrap();
     }
-    let sets: Vec<String> = vec![
+    let mut sets: Vec<String> = vec![
         format!("run.root={}", dir.join("runs").display()),
         "run.name=study".into(),
         "data.format=imagefolder".into(),
@@ -341,11 +348,6 @@ fn a_tiny_swin_study_on_32_pixel_images_reports_every_method() {
         "data.workers=0".into(),
         format!("device.threads={}", support::threads()),
         "log.level=warn".into(),
-        "model.arch=swin_t".into(),
-        "model.swin.patch=2".into(),
-        "model.swin.embed_dim=16".into(),
-        "model.swin.depths=[2, 2]".into(),
-        "model.swin.heads=[2, 4]".into(),
         "model.swin.window=4".into(),
         "train.batch=32".into(),
         "train.optimizer=adamw".into(),
@@ -362,6 +364,7 @@ fn a_tiny_swin_study_on_32_pixel_images_reports_every_method() {
         "ga.epochs=1".into(),
         "ga.lr=1e-5".into(),
     ];
+    sets.extend(SMALL_SWIN.map(String::from));
     let o = support::sfron(&sets, &["study"]);
     let text = support::text(&o);
     assert_eq!(o.status.code(), Some(0), "{text}");
