@@ -91,6 +91,12 @@ def main():
             f"{ms(r50) / 1e3:.2f} s, {r50['images_per_second']:.2f} img/s (PyTorch {ms(p50) / 1e3:.2f} s, "
             f"{p50['images_per_second']:.2f} img/s; bare libtorch {r50['bare_iteration_ms'] / 1e3:.2f} s) | "
             f"≥ PyTorch | {verdict(ms(r50) <= ms(p50))} |")
+    sw, ps = best("sfron_swin_t"), best("pytorch_swin_t")
+    if sw and ps:
+        lines.append(
+            f"| Swin-T SFR-on iteration on CPU ({sw['threads']} threads, batch {sw['batch_per_rank']} × 2, 224 px, "
+            f"200 classes) | {ms(sw) / 1e3:.2f} s (PyTorch/torchvision {ms(ps) / 1e3:.2f} s): "
+            f"{ms(sw) / ms(ps):.3f}× | ≤ 1.0× | {verdict(ms(sw) <= ms(ps))} |")
     cpu = ""
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))

@@ -12,7 +12,7 @@ decay. With --ranks N > 1 it runs N processes under DistributedDataParallel
 with the gloo backend (DDP averages gradients, so the forget loss is scaled
 by N to get the global sum sfron uses).
 
-Usage: bench_step.py [--arch resnet18_cifar|resnet18|resnet50] [--batch 32]
+Usage: bench_step.py [--arch resnet18_cifar|resnet18|resnet50|swin_t] [--batch 32]
     [--image 32] [--classes 10] [--iterations 20] [--warmup 3] [--threads 1]
     [--ranks 1] [--device cpu|cuda] [--bf16] [--channels-last]
 """
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "interop"))
 import models  # noqa: E402  (sfron's architectures in PyTorch, tests/interop/models.py)
@@ -39,6 +40,9 @@ ALPHA, CLIP, LAMBDA = 25.0, 7.0, 0.5
 
 
 def build(arch, classes, channels):
+    if arch == "swin_t":
+        # torchvision's, as sfron builds it (stochastic depth 0.2 in train mode).
+        return torchvision.models.swin_t(num_classes=classes)
     model, _ = models.build(arch)
     if hasattr(model, "fc") and model.fc.out_features != classes:
         model.fc = nn.Linear(model.fc.in_features, classes)
