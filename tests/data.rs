@@ -623,6 +623,26 @@ fn cifar_train_transform_pads_with_zero_and_flips() {
     assert!(seen_pad, "50 random crops never showed padding");
 }
 
+/// A `side × side` RGB test image: a smooth pattern of `amplitude` around
+/// mid-grey with periods `(px, py)`, plus uniform noise of ±`noise` from
+/// the stream `key`, clipped to 0..=255 (resampling then both overshoots
+/// and clips).
+fn noisy_rgb(
+    side: u32,
+    (amplitude, (px, py)): (f64, (f64, f64)),
+    noise: f64,
+    key: u64,
+) -> image::RgbImage {
+    let mut rng = Rng::keyed(&[key]);
+    image::RgbImage::from_fn(side, side, |x, y| {
+        let base =
+            |c: u32| 127.0 + amplitude * ((x as f64 / px + c as f64).sin() * (y as f64 / py).cos());
+        image::Rgb(
+            [0, 1, 2].map(|c| (base(c) + rng.uniform_in(-noise, noise)).clamp(0.0, 255.0) as u8),
+        )
+    })
+}
+
 /// TinyImageNet as released (tiny-imagenet-200.zip): `train/<wnid>/images/
 /// <wnid>_<k>.JPEG` beside `<wnid>_boxes.txt`, and a flat `val/images/`
 /// whose labels are in `val/val_annotations.txt` (file, wnid, box). The
@@ -727,16 +747,10 @@ fn tinyimagenet_as_released_reads_the_validation_annotations() {
 #[test]
 fn tinyimagenet_transform_matches_the_release() {
     let dir = temp_dir("tiny-transform");
-    let mut rng = Rng::keyed(&[7]);
-    let img = image::RgbImage::from_fn(64, 64, |x, y| {
-        let base =
-            |c: u32| 127.0 + 100.0 * ((x as f64 / 5.0 + c as f64).sin() * (y as f64 / 3.0).cos());
-        image::Rgb(
-            [0, 1, 2].map(|c| (base(c) + rng.uniform_in(-40.0, 40.0)).clamp(0.0, 255.0) as u8),
-        )
-    });
     let png = dir.join("in.png");
-    img.save_with_format(&png, image::ImageFormat::Png).unwrap();
+    noisy_rgb(64, (100.0, (5.0, 3.0)), 40.0, 7)
+        .save(&png)
+        .unwrap();
     let out = dir.join("out.safetensors");
     support::run_python(
         concat!(
@@ -745,7 +759,7 @@ fn tinyimagenet_transform_matches_the_release() {
         ),
         &[png.as_os_str(), out.as_os_str()],
     );
-    let t = Transform::tinyimagenet();
+    let t = Transform::tinyimagenet(false);
     assert_eq!(t.shape, [3, 224, 224]);
     let decoded = sfron::data::dataset::decode(&std::fs::read(&png).unwrap()).unwrap();
     let mut ours = vec![0f32; t.numel()];
@@ -776,5 +790,86 @@ fn tinyimagenet_transform_matches_the_release() {
         .apply(&wide, &mut Rng::keyed(&[0]), &mut resizer, &mut ours)
         .unwrap_err();
     assert!(err.contains("64x32"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// RandAugment's 14 operations (sfron::data::rand_augment) against
+/// torchvision's on a uint8 tensor (tests/golden/rand_augment_reference.py)
+/// at the release's strength (bin 2 of 31) and a strong one (bin 15), both
+/// signs: the strengths agree with torchvision's `_augmentation_space`.
+/// Error model: the photometric operations run the same float32
+/// operations on the same values (Contrast's mean is an exact float32 sum
+/// of integers), so they must agree exactly; Sharpness sums its 3 × 3
+/// window in another order than the convolution, so a smoothed value
+/// within rounding of a half level may round the other way (one level, on
+/// at most 0.1% of the values); the geometric ones compute the sampling
+/// coordinates in float32 in another order, so a coordinate within
+/// rounding of a half pixel may pick the neighbour (at most 0.5% of the
+/// pixels). A transposed matrix, a wrong centre or sign, or a truncation
+/// for a rounding is off on most pixels.
+#[test]
+fn rand_augment_operations_match_torchvision() {
+    use sfron::data::rand_augment::{OPS, apply_op};
+    let dir = temp_dir("rand-augment");
+    let png = dir.join("in.png");
+    noisy_rgb(224, (60.0, (17.0, 23.0)), 20.0, 11)
+        .save(&png)
+        .unwrap();
+    let out = dir.join("out.safetensors");
+    let text = support::run_python(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/rand_augment_reference.py"
+        ),
+        &[png.as_os_str(), out.as_os_str()],
+    );
+    let line = text.lines().find(|l| l.starts_with('{')).unwrap();
+    let strengths: serde_json::Value = serde_json::from_str(line).unwrap();
+    let reference: std::collections::BTreeMap<String, Tensor> = sfron::model::weights::load(&out)
+        .unwrap()
+        .0
+        .into_iter()
+        .collect();
+    let decoded = sfron::data::dataset::decode(&std::fs::read(&png).unwrap()).unwrap();
+    let mut checked = 0;
+    for op in OPS {
+        for bin in [2, 15] {
+            let m = op.magnitude(31, bin, (224, 224));
+            let theirs = strengths[format!("{}:{bin}", op.name())].as_f64().unwrap();
+            assert!(
+                (m - theirs).abs() <= 1e-9 * theirs.abs().max(1.0),
+                "{op:?} bin {bin}: {m} vs {theirs}"
+            );
+            for sign in if op.signed() { vec![1, -1] } else { vec![1] } {
+                let key = format!("{}:{bin}:{sign}", op.name());
+                let want = Vec::<u8>::try_from(reference[&key].flatten(0, -1)).unwrap();
+                let ours = apply_op(&decoded, op, sign as f64 * m).data;
+                let differ = ours.iter().zip(&want).filter(|(a, b)| a != b).count();
+                let worst = ours
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .max()
+                    .unwrap();
+                let share = differ as f64 / want.len() as f64;
+                println!("{key}: {share:.2e} of the values differ, by at most {worst}");
+                use sfron::data::rand_augment::Op;
+                match op {
+                    Op::ShearX | Op::ShearY | Op::TranslateX | Op::TranslateY | Op::Rotate => {
+                        assert!(share <= 5e-3, "{key}: {share:.2e} of the values differ")
+                    }
+                    Op::Sharpness => {
+                        assert!(worst <= 1 && share <= 1e-3, "{key}: {share:.2e}, {worst}")
+                    }
+                    _ => assert_eq!(
+                        differ, 0,
+                        "{key}: {differ} values differ, by at most {worst}"
+                    ),
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2 * (14 + 9));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1195,7 +1195,7 @@ fn data_plan(config: &LoadedConfig) -> Result<DataPlan, ConfigError> {
         TransformName::Cifar10Released => Transform::cifar10_released(train),
         TransformName::Cifar100 => Transform::cifar(train, true),
         TransformName::ImageNet => Transform::imagenet(train),
-        TransformName::TinyImageNet => Transform::tinyimagenet(),
+        TransformName::TinyImageNet => Transform::tinyimagenet(train),
         TransformName::Diffusion => {
             Transform::diffusion(crate::data::default_transform(format, false).shape, false)
         }

@@ -247,8 +247,8 @@ string_enum! {
         Cifar100 => "cifar100",
         ImageNet => "imagenet",
         /// The SFR-on release's TinyImageNet transform: bicubic resize of
-        /// the 64 × 64 images to 224, ImageNet's mean and std (its training
-        /// RandAugment is not implemented: train and test transforms agree).
+        /// the 64 × 64 images to 224, in training RandAugment(2, 2),
+        /// ImageNet's mean and std.
         TinyImageNet => "tinyimagenet",
         /// Pixels rescaled to [−1, 1], nothing else (a denoiser's data).
         Diffusion => "diffusion",

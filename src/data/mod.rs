@@ -16,6 +16,7 @@ pub mod dataset;
 pub mod latents;
 pub mod loader;
 pub mod manifest;
+pub mod rand_augment;
 pub mod sampler;
 pub mod transform;
 

@@ -58,9 +58,13 @@ pub enum Recipe {
     AdmCrop { size: usize },
     /// torchvision's `Resize(size, interpolation=BICUBIC)` of a square
     /// uint8 tensor to `size × size` ([`tensor_bicubic_resize`]), then
-    /// normalise: the SFR-on release's TinyImageNet transform (its images
-    /// are pickled tensors, not PIL images).
-    ResizeBicubic { size: usize },
+    /// `augment` when given, then normalise: the SFR-on release's
+    /// TinyImageNet transform (its images are pickled tensors, not PIL
+    /// images).
+    ResizeBicubic {
+        size: usize,
+        augment: Option<super::rand_augment::RandAugment>,
+    },
 }
 
 /// A posterior draw of a latent sample (see [`Recipe::Latent`]): `img`
@@ -166,13 +170,14 @@ impl Transform {
 
     /// The SFR-on release's TinyImageNet transform
     /// (`Classification/dataset/tinyimagenet.py`): `Resize(224, BICUBIC)`
-    /// of the 64 × 64 images, ImageNet's mean and std. The release trains
-    /// with `RandAugment(num_ops=2, magnitude=2)` after the resize, which
-    /// sfron does not implement: the training transform here is the resize
-    /// alone (the same as the test transform).
-    pub fn tinyimagenet() -> Self {
+    /// of the 64 × 64 images, in training then `RandAugment(num_ops=2,
+    /// magnitude=2)` ([`super::rand_augment`]), ImageNet's mean and std.
+    pub fn tinyimagenet(train: bool) -> Self {
         Transform {
-            recipe: Recipe::ResizeBicubic { size: 224 },
+            recipe: Recipe::ResizeBicubic {
+                size: 224,
+                augment: train.then_some(super::rand_augment::RandAugment::RELEASED),
+            },
             mean: IMAGENET_MEAN.to_vec(),
             std: IMAGENET_STD.to_vec(),
             shape: [3, 224, 224],
@@ -279,14 +284,17 @@ impl Transform {
                 let crop = adm_center_crop(img, size)?;
                 self.normalize(&crop.data, size, 0, 0, false, out);
             }
-            Recipe::ResizeBicubic { size } => {
+            Recipe::ResizeBicubic { size, augment } => {
                 if img.width != img.height || img.width == 0 {
                     return Err(format!(
                         "is {}x{}: this transform resizes square images to {size}x{size}",
                         img.width, img.height
                     ));
                 }
-                let resized = tensor_bicubic_resize(img, size, size);
+                let mut resized = tensor_bicubic_resize(img, size, size);
+                if let Some(augment) = augment {
+                    resized = augment.apply(&resized, rng);
+                }
                 self.normalize(&resized.data, size, 0, 0, false, out);
             }
         }
