@@ -360,19 +360,17 @@ impl Model {
     pub fn load_bytes(&mut self, bytes: &[u8], path: &Path) -> Result<(), WeightsError> {
         let tensors = self.parse_own(bytes, path)?;
         if let Some(head) = self.arch.head() {
-            let named = |n: &str| format!("{head}.weight") == n;
-            if let (Some(file), Some(model)) = (
-                tensors.iter().find(|(n, _)| named(n)),
-                self.state().into_iter().find(|(n, _)| named(n)),
-            ) && file.1.size()[0] != model.1.size()[0]
+            let weight = format!("{head}.weight");
+            if let Some((_, file)) = tensors.iter().find(|(n, _)| *n == weight)
+                && file.size()[0] != self.classes
             {
                 return Err(WeightsError::Mismatch {
                     path: path.into(),
                     reason: format!(
                         "its head {head} has {} classes, the data {}: set model.replace_head = true \
                          to fine-tune it on these classes with a new head",
-                        file.1.size()[0],
-                        model.1.size()[0]
+                        file.size()[0],
+                        self.classes
                     ),
                 });
             }
@@ -419,14 +417,15 @@ impl Model {
             });
         }
         weights::copy_into_except(&self.vs, &tensors, path, &in_head)?;
-        let state = self.state();
-        let fan_in = state
-            .iter()
-            .find(|(n, _)| *n == format!("{head}.weight"))
-            .map_or(1, |(_, w)| w.size()[1]);
+        let vars = self.vs.variables();
+        let fan_in = vars[&format!("{head}.weight")].size()[1];
         let bound = 1.0 / (fan_in as f64).sqrt();
+        // In name order (bias, then weight), so the draws are reproducible.
+        let mut drawn: Vec<(String, Tensor)> =
+            vars.into_iter().filter(|(n, _)| in_head(n)).collect();
+        drawn.sort_by(|a, b| a.0.cmp(&b.0));
         tch::no_grad(|| {
-            for (_, mut t) in state.into_iter().filter(|(n, _)| in_head(n)) {
+            for (_, mut t) in drawn {
                 let _ = t.uniform_(-bound, bound);
             }
         });
