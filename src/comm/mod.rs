@@ -37,9 +37,10 @@ pub const DEFAULT_SEGMENT_BYTES: usize = 1 << 20;
 pub struct Topology {
     pub rank: usize,
     pub size: usize,
-    /// Rank among the processes on this host.
+    /// Rank among the job's processes on this host (a group keeps the
+    /// job's: it picks the GPU).
     pub local_rank: usize,
-    /// Number of processes on this host.
+    /// Number of the job's processes on this host (it divides the cores).
     pub local_size: usize,
 }
 
@@ -93,6 +94,16 @@ pub enum CommError {
     Setup(String),
     #[error("rank {rank}: {what}")]
     Collective { rank: usize, what: String },
+}
+
+/// This rank's group of [`Comm::split_groups`].
+#[derive(Debug)]
+pub struct Group {
+    /// The group's communicator (rank 0 of it is the group's leader).
+    pub comm: Comm,
+    /// Which group, `0..count` (group `g` holds job ranks `g·size..(g+1)·size`).
+    pub index: usize,
+    pub count: usize,
 }
 
 /// Element-wise reduction operators.
@@ -470,6 +481,39 @@ impl Comm {
         })
     }
 
+    /// Splits the job into `world / size` groups of `size` consecutive
+    /// ranks and returns this rank's group: an ordinary communicator over
+    /// which the group runs its own model data-parallel (`comm.group_size`).
+    /// Collectives on it involve only the group. It keeps this process's
+    /// host placement (`local_rank`, `local_size`: the GPU and the threads
+    /// stay the job's). Drop it before the job's communicator (MPI is
+    /// finalised with the latter). A size that does not divide the world is
+    /// refused.
+    pub fn split_groups(&self, size: usize) -> Result<Group, CommError> {
+        if size == 0 || !self.size().is_multiple_of(size) {
+            return Err(CommError::Setup(format!(
+                "comm.group_size = {size} does not divide the job's {} ranks into groups",
+                self.size()
+            )));
+        }
+        let index = self.rank() / size;
+        let count = self.size() / size;
+        let comm = match &self.inner {
+            Inner::Local => Comm::local(),
+            #[cfg(feature = "mpi")]
+            Inner::Mpi(w) => {
+                let group = w.split(size)?;
+                let topology = group.topology();
+                Comm {
+                    inner: Inner::Mpi(group),
+                    topology,
+                    segment_bytes: self.segment_bytes.get().into(),
+                }
+            }
+        };
+        Ok(Group { comm, index, count })
+    }
+
     /// Ends every rank of the job with `code`. Never returns.
     pub fn abort(&self, code: i32) -> ! {
         match &self.inner {
@@ -638,6 +682,20 @@ mod tests {
         assert_eq!(comm.topology(), &Topology::single());
         assert!(comm.is_root());
         assert_eq!(comm.backend(), "local");
+    }
+
+    #[test]
+    fn a_local_world_is_one_group_of_one_and_refuses_other_sizes() {
+        let comm = Comm::local();
+        let g = comm.split_groups(1).unwrap();
+        assert_eq!((g.index, g.count, g.comm.size()), (0, 1, 1));
+        for bad in [0, 2] {
+            let e = comm.split_groups(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("comm.group_size") && e.contains("1 ranks"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::ffi;
 use mpi::raw::AsRaw;
-use mpi::topology::SimpleCommunicator;
+use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 
 use super::{CommError, REDUCE_CHUNK, ReduceOp, Scalar, Topology};
@@ -95,7 +95,9 @@ pub(super) struct MpiWorld {
     // Dropping the universe finalises MPI; keep it last to drop after `world`.
     world: SimpleCommunicator,
     topology: Topology,
-    _universe: Universe,
+    /// The job's world holds the universe; a group (see [`MpiWorld::split`])
+    /// holds none and must be dropped before the world.
+    _universe: Option<Universe>,
 }
 
 pub(super) fn library_version() -> Option<String> {
@@ -135,7 +137,29 @@ impl MpiWorld {
         Ok(MpiWorld {
             world,
             topology,
-            _universe: universe,
+            _universe: Some(universe),
+        })
+    }
+
+    /// The communicator of this rank's group: ranks `g·size .. (g+1)·size`
+    /// of this one, in order (`MPI_Comm_split` with colour `g`, key = rank).
+    /// The group keeps this communicator's host placement (`local_rank`,
+    /// `local_size`), which chooses the GPU and the threads of a process.
+    pub(super) fn split(&self, size: usize) -> Result<Self, CommError> {
+        let colour = (self.topology.rank / size) as i32;
+        let world = self
+            .world
+            .split_by_color_with_key(Color::with_value(colour), self.topology.rank as i32)
+            .ok_or_else(|| CommError::Setup("MPI_Comm_split gave no communicator".into()))?;
+        let topology = Topology {
+            rank: world.rank() as usize,
+            size: world.size() as usize,
+            ..self.topology.clone()
+        };
+        Ok(MpiWorld {
+            world,
+            topology,
+            _universe: None,
         })
     }
 
@@ -229,8 +253,9 @@ impl MpiWorld {
         Some(parts.into_iter().map(|mut p| p.split_off(1)).collect())
     }
 
+    /// Aborts the whole job (`MPI_COMM_WORLD`), also from a group.
     pub(super) fn abort(&self, code: i32) -> ! {
-        self.world.abort(code)
+        abort_world(code)
     }
 }
 
