@@ -11,6 +11,7 @@ pub mod inception;
 pub mod layout;
 pub mod norm;
 pub mod recompute;
+pub mod resnet9;
 pub mod swin;
 mod torch_pickle;
 pub mod unet;
@@ -399,7 +400,8 @@ impl Model {
     /// Loads a classifier's weights without its head (the file's head, of
     /// any number of classes, is left out), then initialises the head as
     /// PyTorch's `nn.Linear` does (weight and bias uniform in ±1/√fan_in,
-    /// from libtorch's generator): the released fine-tuning recipe's
+    /// from libtorch's generator; a bias-free head, `resnet9`'s, draws its
+    /// weight alone): the released fine-tuning recipe's
     /// `model.head = nn.Linear(in_features, num_classes)`.
     pub fn load_replacing_head(&mut self, path: &Path) -> Result<(), WeightsError> {
         let Some(head) = self.arch.head() else {
@@ -409,8 +411,9 @@ impl Model {
             });
         };
         let tensors = self.parse_own(&weights::read(path)?, path)?;
-        let in_head = |n: &str| n == format!("{head}.weight") || n == format!("{head}.bias");
-        if !tensors.iter().any(|(n, _)| in_head(n)) {
+        let weight = format!("{head}.weight");
+        let in_head = |n: &str| n == weight || n == format!("{head}.bias");
+        if !tensors.iter().any(|(n, _)| *n == weight) {
             return Err(WeightsError::Mismatch {
                 path: path.into(),
                 reason: format!("it has no {head}.weight: not a {}", self.arch.name()),
@@ -418,9 +421,10 @@ impl Model {
         }
         weights::copy_into_except(&self.vs, &tensors, path, &in_head)?;
         let vars = self.vs.variables();
-        let fan_in = vars[&format!("{head}.weight")].size()[1];
+        let fan_in = vars[&weight].size()[1];
         let bound = 1.0 / (fan_in as f64).sqrt();
-        // In name order (bias, then weight), so the draws are reproducible.
+        // In name order (bias, then weight; the weight alone without a
+        // bias), so the draws are reproducible.
         let mut drawn: Vec<(String, Tensor)> =
             vars.into_iter().filter(|(n, _)| in_head(n)).collect();
         drawn.sort_by(|a, b| a.0.cmp(&b.0));

@@ -4,6 +4,9 @@
 //! - `mnist_cnn`: the PyTorch MNIST example's net without dropout
 //!   (conv1 1→32 3×3, conv2 32→64 3×3, max-pool 2, fc1 9216→128, fc2 128→10),
 //!   optionally with BatchNorm after each conv (`bn1`, `bn2`).
+//! - `resnet9`: the KLoM benchmark's fast CIFAR-10 ResNet-9, names by
+//!   position in its `nn.Sequential` (`0.0.weight` … `9.weight`; see
+//!   [`super::resnet9`]).
 //! - `resnet18_cifar`: the SFR-on authors' CIFAR ResNet-18: a 3×3 stride-1
 //!   first conv, no max-pool, BasicBlocks [2, 2, 2, 2], base width
 //!   `round(64 · width)`.
@@ -27,6 +30,7 @@ use tch::nn::{self, ModuleT};
 
 use super::dit::{Dit, DitSpec};
 use super::norm::{BatchNorm, NormSync, batch_norm2d};
+use super::resnet9::ResNet9;
 use super::swin::{RowKeys, Swin, SwinSpec};
 use super::unet::{Unet, UnetSpec};
 use super::vit::{Vit, VitSpec};
@@ -35,6 +39,7 @@ use super::vit::{Vit, VitSpec};
 #[derive(Clone, Debug, PartialEq)]
 pub enum Arch {
     MnistCnn { batch_norm: bool },
+    Resnet9,
     Resnet18Cifar { width: f64 },
     Resnet18,
     Resnet50,
@@ -85,14 +90,15 @@ pub enum Denoiser {
 }
 
 impl Arch {
-    /// Parses `mnist_cnn`, `mnist_cnn_bn`, `resnet18_cifar`, `resnet18`,
-    /// `resnet50`, torchvision's ViT and Swin builders (`vit_b_16`,
-    /// `swin_t`, …), `ddpm_unet` (the released shape), `dit` (DiT-XL/2; the
-    /// configuration sets the shape).
+    /// Parses `mnist_cnn`, `mnist_cnn_bn`, `resnet9`, `resnet18_cifar`,
+    /// `resnet18`, `resnet50`, torchvision's ViT and Swin builders
+    /// (`vit_b_16`, `swin_t`, …), `ddpm_unet` (the released shape), `dit`
+    /// (DiT-XL/2; the configuration sets the shape).
     pub fn parse(name: &str, width: f64) -> Option<Self> {
         match name {
             "mnist_cnn" => Some(Arch::MnistCnn { batch_norm: false }),
             "mnist_cnn_bn" => Some(Arch::MnistCnn { batch_norm: true }),
+            "resnet9" => Some(Arch::Resnet9),
             "resnet18_cifar" => Some(Arch::Resnet18Cifar { width }),
             "resnet18" => Some(Arch::Resnet18),
             "resnet50" => Some(Arch::Resnet50),
@@ -108,6 +114,7 @@ impl Arch {
     pub const NAMES: &'static [&'static str] = &[
         "mnist_cnn",
         "mnist_cnn_bn",
+        "resnet9",
         "resnet18_cifar",
         "resnet18",
         "resnet50",
@@ -146,11 +153,13 @@ impl Arch {
         }
     }
 
-    /// The classifier's last Linear layer, the one fine-tuning replaces
-    /// (`None` for a denoiser).
+    /// The classifier's last Linear layer, the one fine-tuning replaces:
+    /// its `.weight` and, where it has one, `.bias` (`None` for a denoiser).
     pub fn head(&self) -> Option<&'static str> {
         match self {
             Arch::MnistCnn { .. } => Some("fc2"),
+            // Position 9 of the Sequential; bias-free.
+            Arch::Resnet9 => Some("9"),
             Arch::Resnet18Cifar { .. } | Arch::Resnet18 | Arch::Resnet50 => Some("fc"),
             Arch::Vit(_) => Some("heads.head"),
             Arch::Swin(_) => Some("head"),
@@ -179,6 +188,7 @@ impl Arch {
         match self {
             Arch::MnistCnn { batch_norm: false } => "mnist_cnn".into(),
             Arch::MnistCnn { batch_norm: true } => "mnist_cnn_bn".into(),
+            Arch::Resnet9 => "resnet9".into(),
             Arch::Resnet18Cifar { width } => format!("resnet18_cifar(width={width})"),
             Arch::Resnet18 => "resnet18".into(),
             Arch::Resnet50 => "resnet50".into(),
@@ -219,6 +229,7 @@ impl Arch {
             Arch::MnistCnn { batch_norm } => {
                 Box::new(MnistCnn::new(root, in_channels, classes, batch_norm, norm))
             }
+            Arch::Resnet9 => Box::new(ResNet9::new(root, in_channels, classes, norm)),
             Arch::Resnet18Cifar { width } => {
                 let base = (64.0 * width).round().max(1.0) as i64;
                 let shape = Shape {
