@@ -113,6 +113,22 @@ impl Inputs {
         Some(classes)
     }
 
+    /// What `train.on = all` learns: every training sample the split does
+    /// not exclude (every sample without a split).
+    pub fn trainable(&self) -> Vec<usize> {
+        let excluded = self.excluded();
+        (0..self.train.len())
+            .filter(|i| excluded.binary_search(i).is_err())
+            .collect()
+    }
+
+    /// The samples the split leaves out of both sets (empty without a split).
+    pub fn excluded(&self) -> Vec<usize> {
+        self.split
+            .as_ref()
+            .map_or_else(Vec::new, |(m, _)| m.excluded.clone())
+    }
+
     /// The forget set (empty without a split).
     pub fn forget(&self) -> Vec<usize> {
         self.split

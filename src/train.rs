@@ -58,7 +58,7 @@ pub fn run(comm: &Comm, plan: &RunPlan, device: Device, faults: Faults) -> Resul
     let members = if t.on_remain {
         inputs.remain()
     } else {
-        (0..inputs.train.len()).collect()
+        inputs.trainable()
     };
     let (members, val) = hold_out(members, t.val_fraction, plan.seed);
     if members.is_empty() {

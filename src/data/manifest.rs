@@ -104,6 +104,12 @@ pub struct Manifest {
     /// Sorted, distinct indices into the training part.
     pub forget: Vec<usize>,
     pub counts: Counts,
+    /// Training samples in neither set (sorted, distinct, none forgotten):
+    /// the model never learns them. A population model that learns a random
+    /// half of the data has the other half here ([`Manifest::restricted`]);
+    /// empty (and absent from the file) for an ordinary split.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<usize>,
 }
 
 impl Manifest {
@@ -148,7 +154,7 @@ impl Manifest {
                 ),
             });
         }
-        let counts = count(train, &forget);
+        let counts = count(train, &forget, &[]);
         Ok(Manifest {
             version: MANIFEST_VERSION,
             dataset: DatasetInfo {
@@ -161,9 +167,34 @@ impl Manifest {
             scenario,
             forget,
             counts,
+            excluded: Vec::new(),
         })
     }
 
+    /// This split restricted to the training samples `keep`s: the forget
+    /// set becomes the kept forget samples, every other sample leaves both
+    /// sets (`excluded`). Refused when nothing kept is forgotten or remains.
+    pub fn restricted(&self, train: &Dataset, keep: &[bool]) -> Result<Self, DataError> {
+        let forget: Vec<usize> = self.forget.iter().copied().filter(|&i| keep[i]).collect();
+        let excluded: Vec<usize> = (0..keep.len()).filter(|&i| !keep[i]).collect();
+        let kept = keep.len() - excluded.len();
+        if forget.is_empty() || forget.len() == kept {
+            return Err(DataError::Scenario {
+                spec: format!("{:?}", self.scenario),
+                reason: format!(
+                    "restricted to {kept} samples it forgets {} of them; both sets must be \
+                     non-empty",
+                    forget.len()
+                ),
+            });
+        }
+        Ok(Manifest {
+            counts: count(train, &forget, &excluded),
+            forget,
+            excluded,
+            ..self.clone()
+        })
+    }
     /// Reads and validates a manifest file.
     pub fn load(path: &Path) -> Result<Self, DataError> {
         let text =
@@ -184,6 +215,17 @@ impl Manifest {
             return Err(DataError::file(
                 path,
                 "forget indices must be sorted, distinct and below the sample count",
+            ));
+        }
+        let sorted = m.excluded.windows(2).all(|w| w[0] < w[1]);
+        if !sorted
+            || m.excluded.last().is_some_and(|&i| i >= m.dataset.samples)
+            || m.excluded.iter().any(|i| m.forget.binary_search(i).is_ok())
+        {
+            return Err(DataError::file(
+                path,
+                "excluded indices must be sorted, distinct, below the sample count and not \
+                 forgotten",
             ));
         }
         Ok(m)
@@ -217,13 +259,18 @@ impl Manifest {
         Ok(())
     }
 
-    /// The remain set: every training index not forgotten, sorted.
+    /// The remain set: every training index neither forgotten nor
+    /// excluded, sorted.
     pub fn remain(&self) -> Vec<usize> {
         let mut forget = self.forget.iter().peekable();
+        let mut excluded = self.excluded.iter().peekable();
         (0..self.dataset.samples)
             .filter(|i| {
                 if forget.peek() == Some(&i) {
                     forget.next();
+                    false
+                } else if excluded.peek() == Some(&i) {
+                    excluded.next();
                     false
                 } else {
                     true
@@ -239,19 +286,29 @@ impl Manifest {
         for i in &self.forget {
             h.update(i.to_le_bytes());
         }
+        // Absent from ordinary splits, whose hashes stay as they were.
+        if !self.excluded.is_empty() {
+            h.update(b"excluded");
+            for i in &self.excluded {
+                h.update(i.to_le_bytes());
+            }
+        }
         let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
         format!("sha256:{hex}")
     }
 }
 
-fn count(train: &Dataset, forget: &[usize]) -> Counts {
+fn count(train: &Dataset, forget: &[usize], excluded: &[usize]) -> Counts {
     let mut f = vec![0; train.num_classes()];
     let mut r = vec![0; train.num_classes()];
     let mut it = forget.iter().peekable();
+    let mut out = excluded.iter().peekable();
     for (i, &label) in train.labels.iter().enumerate() {
         if it.peek() == Some(&&i) {
             it.next();
             f[label as usize] += 1;
+        } else if out.peek() == Some(&&i) {
+            out.next();
         } else {
             r[label as usize] += 1;
         }

@@ -1,13 +1,16 @@
 //! Per-example outputs of `sfron eval`, and their file: `examples.safetensors`
 //! (loads with `safetensors.numpy.load_file` or `safetensors.torch.load_file`),
-//! one row per sample in the order forget, remain, test (each by index):
+//! one row per sample in the order forget, remain, test, excluded (each by
+//! index):
 //!
 //! | tensor | dtype | meaning |
 //! |---|---|---|
-//! | `subset` | u8 | 0 forget, 1 remain, 2 test |
-//! | `index` | i64 | index in the training part (forget, remain) or the test part |
+//! | `subset` | u8 | 0 forget, 1 remain, 2 test, 3 excluded (training samples the split leaves out: never learned) |
+//! | `index` | i64 | the sample's id: its index in the training part (forget, remain, excluded) or the test part |
 //! | `label` | i64 | true class |
 //! | `loss` | f32 | cross-entropy |
+//! | `margin` | f32 | correct logit − logsumexp of the other logits (= log(p / (1 − p)), LiRA's logit-scaled confidence; KLoM's margin) |
+//! | `predicted` | i64 | top-1 class |
 //! | `confidence` | f32 | softmax probability of the true class |
 //! | `entropy` | f32 | softmax entropy (nats) |
 //! | `correct` | u8 | top-1 prediction is the label |
@@ -29,10 +32,20 @@ pub enum Subset {
     Forget = 0,
     Remain = 1,
     Test = 2,
+    /// Training samples the split leaves out of both sets.
+    Excluded = 3,
 }
 
 impl Subset {
+    /// The sets every evaluation judges.
     pub const ALL: [Subset; 3] = [Subset::Forget, Subset::Remain, Subset::Test];
+    /// Every kind of row, in the file's order.
+    pub const ROWS: [Subset; 4] = [
+        Subset::Forget,
+        Subset::Remain,
+        Subset::Test,
+        Subset::Excluded,
+    ];
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -41,6 +54,8 @@ pub struct Examples {
     pub index: Vec<i64>,
     pub label: Vec<i64>,
     pub loss: Vec<f32>,
+    pub margin: Vec<f32>,
+    pub predicted: Vec<i64>,
     pub confidence: Vec<f32>,
     pub entropy: Vec<f32>,
     pub correct: Vec<u8>,
@@ -75,6 +90,8 @@ impl Examples {
             ("index".into(), Tensor::from_slice(&self.index)),
             ("label".into(), Tensor::from_slice(&self.label)),
             ("loss".into(), Tensor::from_slice(&self.loss)),
+            ("margin".into(), Tensor::from_slice(&self.margin)),
+            ("predicted".into(), Tensor::from_slice(&self.predicted)),
             ("confidence".into(), Tensor::from_slice(&self.confidence)),
             ("entropy".into(), Tensor::from_slice(&self.entropy)),
             ("correct".into(), Tensor::from_slice(&self.correct)),
@@ -127,6 +144,8 @@ impl Examples {
             index: Vec::<i64>::try_from(get("index", Kind::Int64)?)?,
             label: Vec::<i64>::try_from(get("label", Kind::Int64)?)?,
             loss: f32s("loss")?,
+            margin: f32s("margin")?,
+            predicted: Vec::<i64>::try_from(get("predicted", Kind::Int64)?)?,
             confidence: f32s("confidence")?,
             entropy: f32s("entropy")?,
             correct: Vec::<u8>::try_from(get("correct", Kind::Uint8)?)?,
@@ -139,6 +158,8 @@ impl Examples {
             ex.index.len(),
             ex.label.len(),
             ex.loss.len(),
+            ex.margin.len(),
+            ex.predicted.len(),
             ex.confidence.len(),
             ex.entropy.len(),
             ex.correct.len(),

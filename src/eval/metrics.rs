@@ -159,6 +159,8 @@ mod tests {
             index: (0..n as i64).collect(),
             label: label.to_vec(),
             loss: (0..n).map(|i| i as f32).collect(),
+            margin: vec![0.0; n],
+            predicted: vec![0; n],
             // Members confident, non-members not; forget rows in between.
             confidence: vec![
                 0.9, 0.2, 0.25, 0.95, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.3, 0.2, 0.1, 0.4,

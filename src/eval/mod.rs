@@ -12,6 +12,7 @@ mod examples;
 pub mod generation;
 pub mod metrics;
 pub mod mia;
+pub mod population;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -118,7 +119,7 @@ pub struct Evaluation {
 }
 
 /// Per-example outputs of `model` on the split's forget, remain and test
-/// sets, on rank 0 (`None` on the others). With a `reference`, the KL and JS
+/// sets (and the training samples it excludes), on rank 0 (`None` on the others). With a `reference`, the KL and JS
 /// of the model to it on the forget rows (NaN on the others: the reference
 /// is run on the forget set only).
 pub fn examine(
@@ -133,10 +134,11 @@ pub fn examine(
         inputs.forget(),
         inputs.remain(),
         (0..inputs.test.len()).collect::<Vec<usize>>(),
+        inputs.excluded(),
     ];
     let mut jobs = Vec::new();
     let mut position = 0usize;
-    for (subset, list) in Subset::ALL.into_iter().zip(&lists) {
+    for (subset, list) in Subset::ROWS.into_iter().zip(&lists) {
         for chunk in list.chunks(plan.eval.batch) {
             jobs.push((subset, position, chunk.to_vec()));
             position += chunk.len();
@@ -149,7 +151,7 @@ pub fn examine(
         .map(|(_, j)| j)
         .collect();
     let transform = &plan.data.test_transform;
-    // Forget and remain rows come from the training part, test rows from the test part.
+    // Forget, remain and excluded rows come from the training part, test rows from the test part.
     let mut loaders = [
         Inputs::loader(plan, &inputs.train, transform),
         Inputs::loader(plan, &inputs.test, transform),
@@ -240,21 +242,39 @@ pub fn examine(
     Ok(Some(assemble(&parts, &lists, reference.is_some(), classes)))
 }
 
-/// Logits, log-probabilities (f64) and the per-row columns loss,
-/// confidence, entropy, correct (f64).
+/// Logits, log-probabilities (f64) and the per-row columns loss, margin,
+/// predicted class, confidence, entropy, correct (f64).
+///
+/// The margin is `z_y − logsumexp_{j≠y} z_j` in f64 from the logits (one
+/// class: +∞).
 fn outputs(model: &Model, x: &Tensor, y: &Tensor) -> (Tensor, Tensor, Vec<Tensor>) {
     let logits = model.forward_t(x, false);
-    let logp = logits.to_kind(Kind::Double).log_softmax(-1, Kind::Double);
+    let z = logits.to_kind(Kind::Double);
+    let logp = z.log_softmax(-1, Kind::Double);
     let p = logp.exp();
-    let at_label = |t: &Tensor| t.gather(1, &y.unsqueeze(1), false).squeeze_dim(1);
+    let label = y.unsqueeze(1);
+    let at_label = |t: &Tensor| t.gather(1, &label, false).squeeze_dim(1);
     let loss = -at_label(&logp);
+    let others = z
+        .scatter_value(1, &label, f64::NEG_INFINITY)
+        .logsumexp([-1], false);
+    let margin = at_label(&z) - others;
+    let predicted = logits.argmax(-1, false);
     let confidence = at_label(&p);
     let entropy =
         -(&p * &logp)
             .nan_to_num(0.0, None, None)
             .sum_dim_intlist(-1, false, Kind::Double);
-    let correct = logits.argmax(-1, false).eq_tensor(y).to_kind(Kind::Double);
-    (logits, logp, vec![loss, confidence, entropy, correct])
+    let correct = predicted.eq_tensor(y).to_kind(Kind::Double);
+    let columns = vec![
+        loss,
+        margin,
+        predicted.to_kind(Kind::Double),
+        confidence,
+        entropy,
+        correct,
+    ];
+    (logits, logp, columns)
 }
 
 /// Smoothing of the divergences (DESIGN §2).
@@ -274,12 +294,12 @@ fn divergences(lp: &Tensor, lq: &Tensor) -> (Tensor, Tensor) {
 /// Rank 0: the gathered rows in list order (`classes` logits per row, 0: none).
 fn assemble(
     parts: &[Vec<u8>],
-    lists: &[Vec<usize>; 3],
+    lists: &[Vec<usize>; 4],
     with_reference: bool,
     classes: usize,
 ) -> Examples {
-    // label, 4 columns, then kl and js.
-    let width = if with_reference { 7 } else { 5 };
+    // label, 6 columns, then kl and js.
+    let width = if with_reference { 9 } else { 7 };
     let record = 8 + 8 * width + 4 * classes;
     let mut rows: Vec<(u64, &[u8])> = parts
         .iter()
@@ -292,13 +312,16 @@ fn assemble(
         })
         .collect();
     rows.sort_unstable_by_key(|r| r.0);
-    let starts = [0, lists[0].len(), lists[0].len() + lists[1].len()];
+    let mut starts = [0usize; 4];
+    for s in 1..4 {
+        starts[s] = starts[s - 1] + lists[s - 1].len();
+    }
     let mut model = Examples::default();
     let (mut kl, mut js, mut logits) = (Vec::new(), Vec::new(), Vec::new());
     for (pos, r) in rows {
         let f = |k: usize| f64::from_le_bytes(r[8 * k..8 * k + 8].try_into().expect("8 bytes"));
         let pos = pos as usize;
-        let s = (0..3)
+        let s = (0..4)
             .rev()
             .find(|&s| pos >= starts[s])
             .expect("position 0 or more");
@@ -306,12 +329,14 @@ fn assemble(
         model.index.push(lists[s][pos - starts[s]] as i64);
         model.label.push(f(0) as i64);
         model.loss.push(f(1) as f32);
-        model.confidence.push(f(2) as f32);
-        model.entropy.push(f(3) as f32);
-        model.correct.push(f(4) as u8);
+        model.margin.push(f(2) as f32);
+        model.predicted.push(f(3) as i64);
+        model.confidence.push(f(4) as f32);
+        model.entropy.push(f(5) as f32);
+        model.correct.push(f(6) as u8);
         if with_reference {
-            kl.push(f(5) as f32);
-            js.push(f(6) as f32);
+            kl.push(f(7) as f32);
+            js.push(f(8) as f32);
         }
         if classes > 0 {
             let l = &r[8 * width..];

@@ -13,8 +13,8 @@ features (within 0.5 points):
   true-class confidence of the first |D_t| remain samples (member) and the
   test set (non-member); share of the forget set predicted non-member;
 
-and, when the files hold logits, each row's loss, confidence, entropy and
-correctness from them (PyTorch), and with REFERENCE_EXAMPLES (the reference
+and, when the files hold logits, each row's loss, margin, predicted class,
+confidence, entropy and correctness from them (PyTorch), and with REFERENCE_EXAMPLES (the reference
 model's file, with logits) the forget rows' KL(reference ‖ model) and JS.
 Exits 1 naming every mismatch.
 """
@@ -104,6 +104,10 @@ if "logits" in ex:
     conf = p[rows, labels]
     ent = -(p * logp).nan_to_num(0.0).sum(-1)
     corr = (logits.argmax(-1) == labels).double()
+    # KLoM's margin as data-unlearning-bench computes it (get_margin): the
+    # correct logit minus the logsumexp of the others (the label's logit masked to -inf).
+    one_hot = torch.nn.functional.one_hot(labels, logits.shape[1]).bool()
+    margin = logits[rows, labels] - logits.masked_fill(one_hot, -torch.inf).logsumexp(-1)
 
     # Error model: sfron computes each column in float64 from the same
     # float32 logits (exact in float64) and stores it as float32: relative
@@ -121,6 +125,8 @@ if "logits" in ex:
     check("confidence from logits (rel)", worst(ex["confidence"], conf), 0.0, 1e-5)
     check("entropy from logits (rel)", worst(ex["entropy"], ent), 0.0, 1e-5)
     check("correct from logits", worst(ex["correct"], corr), 0.0, 0.0)
+    check("margin from logits (rel)", worst(ex["margin"], margin), 0.0, 1e-5)
+    check("predicted from logits", worst(ex["predicted"], logits.argmax(-1).double()), 0.0, 0.0)
     if len(sys.argv) > 3:
         ref = load_file(sys.argv[3])
         f = torch.from_numpy(forget)
