@@ -58,9 +58,21 @@ fn run_in_world(comm: &Comm, cli: &Cli) -> Result<Status> {
     let _entered = span.enter();
     let device = device::select(&plan)?;
     tracing::info!(ranks = comm.size(), backend = comm.backend(), device = %device::describe(device), "started");
-    // Every command that writes the run folder holds it for the whole job.
+    if plan.comm.group_size > 0
+        && !(matches!(cli.command, Command::Study(_)) && plan.study.population > 0)
+    {
+        anyhow::bail!(
+            "comm.group_size splits the job into groups for a population study \
+             (study.population); sfron {} runs one model on all ranks: unset comm.group_size",
+            cli.command.name()
+        );
+    }
+    // Every command that writes the run folder holds it for the whole job;
+    // a population study's jobs share its folder and claim its items one by
+    // one instead (several jobs of a SLURM array may work on it at once).
     let _lock = match &cli.command {
         Command::Bench(_) | Command::Convert(_) => None,
+        Command::Study(_) if plan.study.population > 0 => None,
         other => Some(RunLock::acquire(
             comm,
             &plan.run_dir,

@@ -41,6 +41,9 @@ pub mod tag {
     pub const SURROGATE: u64 = 0x5355_5252_4f47;
     /// The remaining classes an unlearning run draws from: `[seed, REMAIN_CLASSES]`.
     pub const REMAIN_CLASSES: u64 = 0x5243_4c41_5353;
+    /// The half of the training set a subsampled population model learns:
+    /// `[run seed, MEMBERSHIP, model]`.
+    pub const MEMBERSHIP: u64 = 0x4d45_4d42_4552;
 }
 
 /// SplitMix64.

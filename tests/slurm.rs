@@ -118,6 +118,52 @@ fn array_task_runs_its_method_and_seed() {
     );
 }
 
+const POPULATION: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/slurm/population.sbatch");
+const POPULATION_ARRAY: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/slurm/population-array.sbatch");
+
+#[test]
+fn population_job_splits_into_groups_and_requeues() {
+    let dir = fakes("population");
+    let out = script(POPULATION, &dir, 75)
+        .env("SFRON_SBATCH", SCRIPT)
+        .env("GROUP_SIZE", "4")
+        .env("CONFIG", "configs/p.toml")
+        .args(["--set", "study.population=20"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        srun_line(&dir, &out),
+        "--mpi=pmix --kill-on-bad-exit=1 /opt/sfron --set study.population=20 -c configs/p.toml \
+         --set run.name=population --set comm.group_size=4 study"
+    );
+    // Preempted (75): the job is requeued like any other.
+    let requeue = std::fs::read_to_string(dir.join("scontrol.args")).unwrap();
+    assert_eq!(requeue.trim(), "requeue 4242");
+}
+
+#[test]
+fn population_array_task_runs_its_model() {
+    let dir = fakes("population-array");
+    let out = script(POPULATION_ARRAY, &dir, 0)
+        .env("SFRON_SBATCH", SCRIPT)
+        .env("SLURM_ARRAY_TASK_ID", "7")
+        .env("CONFIG", "configs/p.toml")
+        .output()
+        .unwrap();
+    assert_eq!(
+        srun_line(&dir, &out),
+        "--mpi=pmix --kill-on-bad-exit=1 /opt/sfron -c configs/p.toml --set run.name=population \
+         --set study.only=7 study"
+    );
+    let out = script(POPULATION_ARRAY, &dir, 0)
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--array=0-N"));
+}
+
 #[test]
 fn usr1_to_the_batch_shell_reaches_the_launcher_and_requeues() {
     let dir = fakes("signal");

@@ -186,6 +186,7 @@ impl RunPlan {
         if let Err(e) = crate::data::Scenario::parse(&raw.study.scenario, 0) {
             return Err(config.key_error("study.scenario", e.to_string()));
         }
+        population_checks(&config, topology)?;
         if raw.checkpoint.keep_last == 0 {
             return Err(config.key_error(
                 "checkpoint.keep_last",
@@ -236,6 +237,52 @@ impl RunPlan {
     }
 }
 
+/// The keys of a population study and of rank groups.
+fn population_checks(config: &LoadedConfig, topology: &Topology) -> Result<(), ConfigError> {
+    let study = &config.raw.study;
+    let group = config.raw.comm.group_size as usize;
+    if group > 0 && !topology.size.is_multiple_of(group) {
+        return Err(config.key_error(
+            "comm.group_size",
+            format!(
+                "{group} does not divide the job's {} ranks into groups",
+                topology.size
+            ),
+        ));
+    }
+    if study.population == 1 {
+        return Err(config.key_error(
+            "study.population",
+            "KLoM, U-LiRA and the challenge score compare distributions over models: \
+             at least 2 (0: no population)",
+        ));
+    }
+    if study.population == 0 {
+        if study.subsample {
+            return Err(config.key_error(
+                "study.subsample",
+                "is for a population study: set study.population",
+            ));
+        }
+        if study.only >= 0 {
+            return Err(config.key_error(
+                "study.only",
+                "is for a population study: set study.population",
+            ));
+        }
+    } else if study.only >= i64::from(study.population) || study.only < -1 {
+        return Err(config.key_error(
+            "study.only",
+            format!(
+                "names model {}, but the population has models 0..{}",
+                study.only,
+                study.population - 1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The network and where its first weights come from.
 #[derive(Clone, Debug)]
 pub struct ModelPlan {
@@ -258,6 +305,8 @@ pub struct BatchNormPlan {
 pub enum Schedule {
     Constant,
     Cosine,
+    /// Linear decay to 0 over the steps after warm-up.
+    Linear,
     /// The cosine stepped once per epoch.
     CosineEpochs,
     /// Multiply by `gamma` at each of these epochs.
@@ -754,6 +803,21 @@ fn model_plan(config: &LoadedConfig, data: &DataPlan) -> Result<ModelPlan, Confi
         Arch::Dit(_) => Arch::Dit(dit_spec(config, data)?),
         Arch::Vit(named) => Arch::Vit(vit_spec(config, data, named)?),
         Arch::Swin(named) => Arch::Swin(swin_spec(config, data, named)?),
+        Arch::Resnet9 => {
+            // Its stride-2 conv and max-pool quarter the side, then a 3x3
+            // convolution without padding needs 3 pixels.
+            let [_, height, width] = data.train_transform.shape;
+            if height.min(width) < 11 {
+                return Err(config.key_error(
+                    "model.arch",
+                    format!(
+                        "resnet9 needs images of at least 11x11 (its unpadded 3x3 \
+                         convolution sees a quarter of the side); the data's are {height}x{width}"
+                    ),
+                ));
+            }
+            Arch::Resnet9
+        }
         other => other,
     };
     let init = (!m.init.trim().is_empty()).then(|| PathBuf::from(&m.init));
@@ -1142,6 +1206,7 @@ fn train_plan(config: &LoadedConfig, data: &DataPlan) -> Result<TrainPlan, Confi
         schedule: match t.schedule {
             ScheduleName::Constant => Schedule::Constant,
             ScheduleName::Cosine => Schedule::Cosine,
+            ScheduleName::Linear => Schedule::Linear,
             ScheduleName::CosineEpochs => Schedule::CosineEpochs,
             ScheduleName::Step => Schedule::Step {
                 milestones: t.milestones.clone(),

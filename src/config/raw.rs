@@ -165,6 +165,10 @@ pub struct CommSection {
     /// one call per bucket.
     pub segment_kib: u32,
     pub gpu_plane: GpuPlane,
+    /// Ranks per group of a population study (`study.population`): the job
+    /// splits into world / group_size groups, each running its own models
+    /// data-parallel; 0: the whole job is one group.
+    pub group_size: u32,
 }
 
 impl Default for CommSection {
@@ -174,6 +178,7 @@ impl Default for CommSection {
             first_bucket_mib: 1.0,
             segment_kib: 1024,
             gpu_plane: GpuPlane::Auto,
+            group_size: 0,
         }
     }
 }
@@ -309,7 +314,7 @@ impl Default for DataSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// mnist_cnn | mnist_cnn_bn | resnet18_cifar | resnet18 | resnet50 |
+    /// mnist_cnn | mnist_cnn_bn | resnet9 | resnet18_cifar | resnet18 | resnet50 |
     /// vit_b_16 | vit_b_32 | vit_l_16 | vit_l_32 | vit_h_14 | swin_t |
     /// swin_s | swin_b | ddpm_unet | dit.
     pub arch: String,
@@ -564,6 +569,10 @@ string_enum! {
         /// CosineAnnealingLR(T_max = epochs) stepped once per epoch, as the
         /// released training does.
         CosineEpochs => "cosine_epochs",
+        /// η(1 − t / T) over the T steps after warm-up: with the warm-up, the
+        /// triangle of the fast CIFAR-10 ResNet-9 recipe (the KLoM benchmark's
+        /// `np.interp(step, [0, peak, end], [0, 1, 0])`).
+        Linear => "linear",
         /// η · gamma^(milestones passed), milestones in epochs.
         Step => "step",
         Constant => "constant",
@@ -984,6 +993,17 @@ pub struct StudySection {
     /// 0.9999 still holds most of the original after a few hundred
     /// forgetting steps, so its samples can hide the forgetting).
     pub judge_raw: bool,
+    /// A population study (0: off): this many originals, as many oracles
+    /// (Retrain) and, per method, as many unlearnings (one per original),
+    /// judged by KLoM, U-LiRA and the NeurIPS 2023 challenge score (DESIGN
+    /// §2.1). At least 2.
+    pub population: u32,
+    /// Population: each original learns a random half of the training set
+    /// (the membership table is recorded), as U-LiRA's shadow models do.
+    pub subsample: bool,
+    /// Population: run only the items of model K (one task of a SLURM
+    /// array) and write no report; -1: every item, then the report.
+    pub only: i64,
 }
 
 impl Default for StudySection {
@@ -1000,6 +1020,9 @@ impl Default for StudySection {
             original: String::new(),
             snapshot_per_class: 0,
             judge_raw: false,
+            population: 0,
+            subsample: false,
+            only: -1,
         }
     }
 }

@@ -23,6 +23,10 @@ pub fn rate(
             let s = (t - warmup) as f64;
             base * (1.0 + (std::f64::consts::PI * s / span).cos()) / 2.0
         }
+        Schedule::Linear => {
+            let span = total.saturating_sub(warmup).max(1) as f64;
+            base * (1.0 - (t - warmup) as f64 / span)
+        }
         Schedule::CosineEpochs => {
             let epochs = total.div_ceil(per_epoch.max(1)).max(1) as f64;
             let epoch = (t / per_epoch.max(1)) as f64;
@@ -70,6 +74,11 @@ mod tests {
         assert_eq!(rate(&s, 1.0, 19, 100, 0, 10), 1.0);
         assert_eq!(rate(&s, 1.0, 20, 100, 0, 10), 0.5);
         assert_eq!(rate(&s, 1.0, 45, 100, 0, 10), 0.25);
+        // The fast CIFAR-10 ResNet-9 recipe's triangle: up over the warm-up, down to 0.
+        let l = Schedule::Linear;
+        assert_eq!(rate(&l, 0.4, 10, 100, 10, 10), 0.4);
+        assert!((rate(&l, 0.4, 55, 100, 10, 10) - 0.2).abs() < 1e-12);
+        assert!((rate(&l, 0.4, 99, 100, 10, 10) - 0.4 / 90.0).abs() < 1e-12);
         assert_eq!(cosine(0, 10), 1.0);
         assert!(cosine(10, 10).abs() < 1e-12);
     }

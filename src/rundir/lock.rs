@@ -85,6 +85,39 @@ impl RunLock {
 /// need be, changing nothing when another job holds it), then records this
 /// process as the holder.
 fn lock(dir: &Path, command: &str) -> Result<File> {
+    match try_lock(dir, command)? {
+        Ok(file) => Ok(file),
+        Err(holder) => bail!(
+            "{} is in use by another job ({}): wait for it to end, or give this run another run.name",
+            dir.display(),
+            if holder.is_empty() {
+                "holder unknown"
+            } else {
+                &holder
+            }
+        ),
+    }
+}
+
+/// A claim on a folder taken by one process (no communicator): a
+/// population study's group leader claims a work item with it. Released when
+/// dropped or when the process dies.
+#[must_use = "the claim is released when this is dropped"]
+pub struct Claim {
+    _file: File,
+}
+
+impl Claim {
+    /// Claims `dir` for `command`, or `None` when another process holds it.
+    pub fn take(dir: &Path, command: &str) -> Result<Option<Claim>> {
+        Ok(try_lock(dir, command)?
+            .ok()
+            .map(|file| Claim { _file: file }))
+    }
+}
+
+/// [`lock`], with `Ok(Err(holder))` when another process holds the lock.
+fn try_lock(dir: &Path, command: &str) -> Result<std::result::Result<File, String>> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
@@ -100,16 +133,7 @@ fn lock(dir: &Path, command: &str) -> Result<File> {
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            bail!(
-                "{} is in use by another job ({}): wait for it to end, or give this run another run.name",
-                dir.display(),
-                if holder.is_empty() {
-                    "holder unknown"
-                } else {
-                    holder
-                }
-            );
+            return Ok(Err(holder.trim().to_string()));
         }
         bail!("locking {}: {err}", path.display());
     }
@@ -125,7 +149,7 @@ fn lock(dir: &Path, command: &str) -> Result<File> {
         .and_then(|()| file.rewind())
         .and_then(|()| file.write_all(text.as_bytes()))
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-    Ok(file)
+    Ok(Ok(file))
 }
 
 /// Removes everything in `dir` but its lock file (a cleared folder stays
@@ -180,7 +204,13 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, [LOCK_FILE]);
+        assert!(Claim::take(&dir, "sfron test").unwrap().is_none());
         drop(first);
+        let claim = Claim::take(&dir, "sfron test")
+            .unwrap()
+            .expect("free again");
+        assert!(lock(&dir, "sfron test").is_err());
+        drop(claim);
         drop(lock(&dir, "sfron test").unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }

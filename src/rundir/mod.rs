@@ -27,7 +27,7 @@ use crate::engine::ema::{EMA_FILE, Ema};
 use crate::fsx::{self, sha256_hex};
 use crate::inputs::Inputs;
 use crate::model::{Model, weights};
-pub use lock::{LOCK_FILE, RunLock, clear, hostname};
+pub use lock::{Claim, LOCK_FILE, RunLock, clear, hostname};
 
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

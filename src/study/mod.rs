@@ -21,6 +21,8 @@
 
 mod generation;
 mod plots;
+mod population;
+mod population_report;
 mod report;
 
 use std::collections::BTreeMap;
@@ -40,6 +42,7 @@ use crate::model::weights;
 use crate::rundir::{self, Faults, MODEL_FILE, RunLock, Status};
 use crate::train;
 use crate::unlearn;
+pub use population::half as membership_half;
 pub use report::{Row, Summary};
 
 const STAGE_FILE: &str = "stage.json";
@@ -65,6 +68,9 @@ pub fn run(comm: &Comm, plan: &RunPlan, layers: &Layers, device: Device) -> Resu
         bail!(
             "data.split is set, but a study makes its own splits (study.scenario): remove data.split"
         );
+    }
+    if plan.study.population > 0 {
+        return population::run(comm, plan, layers, device);
     }
     let root = plan.run_dir.clone();
     let study = &plan.study;
@@ -353,6 +359,8 @@ fn eval_stage(
                 "test_transform": format!("{:?}", plan.data.test_transform),
                 "arch": plan.model.arch.name(),
                 "eval": plan.eval,
+                // Version 2 of examples.safetensors: margin, predicted class, excluded rows.
+                "examples": 2,
             })
             .to_string()
             .as_bytes()

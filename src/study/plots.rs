@@ -11,15 +11,18 @@ use plotters::prelude::*;
 use super::{Evaluated, display_name};
 use crate::eval::Subset;
 
-type Drawn = std::result::Result<(), Box<dyn std::error::Error>>;
+pub(super) type Drawn = std::result::Result<(), Box<dyn std::error::Error>>;
 
-const PALETTE: [RGBColor; 6] = [
+/// The reports' series colours (matplotlib's tab10), in order.
+pub(super) const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
 ];
 
 /// Draws every plot under `root/plots`; returns (title, path relative to root).
