@@ -825,6 +825,9 @@ fn evaluation(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
             format!("device.threads={}", support::threads()),
             "eval.batch=64".into(),
             "eval.logits=true".into(),
+            // 3 ranks: the 900 rows in shards of 250, gathered in rounds
+            // of one batch per rank (a shard's worth at most).
+            format!("eval.shard_rows={}", if np == 3 { 250 } else { 0 }),
         ] {
             cmd.args(["--set", &set]);
         }
@@ -845,8 +848,18 @@ fn evaluation(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         let dir = root.join(&name);
         let eval: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
-        let examples = std::fs::read(dir.join("examples.safetensors")).unwrap();
-        let digest = sfron::model::weights::content_digest(&examples).unwrap();
+        let files = sfron::eval::examples_files(&dir);
+        let want = if np == 3 { 4 } else { 1 };
+        if files.len() != want {
+            report(
+                &format!("eval_on_{np}_ranks_writes_{want}_files"),
+                false,
+                &o,
+            );
+            return;
+        }
+        // Every value (NaN on rows without a KL) as its exact decimal.
+        let digest = format!("{:?}", sfron::eval::Examples::load_dir(&dir).unwrap());
         results.push((
             eval["metrics"].clone(),
             eval["reference_metrics"].clone(),
@@ -859,7 +872,7 @@ fn evaluation(run_root: &str, report: &mut impl FnMut(&str, bool, &Outcome)) {
         let (a, b) = (&results[0], &results[k]);
         let same = a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3;
         println!(
-            "eval 1 vs {} ranks: metrics identical {}, examples identical {} (FA {} MIA {} MIA-efficacy {})",
+            "eval 1 vs {} ranks: metrics identical {}, examples identical {} (3 ranks: in 4 shards) (FA {} MIA {} MIA-efficacy {})",
             k + 1,
             a.0 == b.0 && a.1 == b.1 && a.2 == b.2,
             a.3 == b.3,

@@ -712,6 +712,9 @@ pub struct EvalSection {
     pub batch: usize,
     /// Also write every sample's logits to `examples.safetensors` (4 bytes × classes per sample).
     pub logits: bool,
+    /// Rows per file of the per-example outputs: more are written shard by
+    /// shard (`examples-00000-of-00002.safetensors`, …); 0: one file.
+    pub shard_rows: u64,
     /// A diffusion model's evaluation: the weights of the classifier that
     /// judges its images (forget and remaining accuracy, FID in its
     /// feature space).
@@ -730,6 +733,7 @@ impl Default for EvalSection {
         EvalSection {
             batch: 256,
             logits: false,
+            shard_rows: 1 << 20,
             classifier: String::new(),
             classifier_arch: "mnist_cnn".into(),
             inception: String::new(),

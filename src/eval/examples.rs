@@ -16,6 +16,11 @@
 //! | `correct` | u8 | top-1 prediction is the label |
 //! | `kl`, `js` | f32 | KL(reference ‖ model) and JS divergence (with `--reference`) |
 //! | `logits` | f32 [n, classes] | with `eval.logits = true` |
+//!
+//! More rows than `eval.shard_rows` are written shard by shard:
+//! `examples-00000-of-00003.safetensors`, …, each a contiguous run of rows
+//! with every column (metadata `sfron.rows` = `first..end`); concatenated in
+//! name order they are the one file's rows ([`Examples::load_dir`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,6 +29,27 @@ use anyhow::{Context, Result, bail};
 use tch::{Kind, Tensor};
 
 use crate::model::weights;
+
+/// The per-example file of an evaluation (one shard: the whole of it).
+pub const FILE: &str = "examples.safetensors";
+
+/// The per-example files in `dir` (`examples.safetensors` or its shards,
+/// `examples-KKKKK-of-NNNNN.safetensors`), in name order.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    n == FILE || (n.starts_with("examples-") && n.ends_with(".safetensors"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
 
 /// Which part of the split a row belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +106,104 @@ impl Examples {
             .filter(|&i| self.subset[i] == subset as u8)
             .map(|i| column[i] as f64)
             .collect()
+    }
+
+    /// The rows `range`, every column.
+    fn rows(&self, range: std::ops::Range<usize>) -> Examples {
+        let classes = self
+            .logits
+            .as_ref()
+            .map_or(0, |l| l.len() / self.len().max(1));
+        let column = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[range.clone()].to_vec());
+        Examples {
+            subset: self.subset[range.clone()].to_vec(),
+            index: self.index[range.clone()].to_vec(),
+            label: self.label[range.clone()].to_vec(),
+            loss: self.loss[range.clone()].to_vec(),
+            margin: self.margin[range.clone()].to_vec(),
+            predicted: self.predicted[range.clone()].to_vec(),
+            confidence: self.confidence[range.clone()].to_vec(),
+            entropy: self.entropy[range.clone()].to_vec(),
+            correct: self.correct[range.clone()].to_vec(),
+            kl: column(&self.kl),
+            js: column(&self.js),
+            logits: self
+                .logits
+                .as_ref()
+                .map(|l| l[range.start * classes..range.end * classes].to_vec()),
+        }
+    }
+
+    /// `other`'s rows after these (the same columns).
+    fn append(&mut self, other: Examples) {
+        fn join<T>(a: &mut Option<Vec<T>>, b: Option<Vec<T>>) {
+            if let (Some(a), Some(b)) = (a.as_mut(), b) {
+                a.extend(b);
+            }
+        }
+        self.subset.extend(other.subset);
+        self.index.extend(other.index);
+        self.label.extend(other.label);
+        self.loss.extend(other.loss);
+        self.margin.extend(other.margin);
+        self.predicted.extend(other.predicted);
+        self.confidence.extend(other.confidence);
+        self.entropy.extend(other.entropy);
+        self.correct.extend(other.correct);
+        join(&mut self.kl, other.kl);
+        join(&mut self.js, other.js);
+        join(&mut self.logits, other.logits);
+    }
+
+    /// Writes the rows into `dir` as `examples.safetensors`, or as shards of
+    /// at most `shard_rows` rows each when there are more (0: one file),
+    /// after removing the files of an earlier evaluation; returns the file
+    /// names written.
+    pub fn save_dir(
+        &self,
+        dir: &Path,
+        shard_rows: usize,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Vec<String>> {
+        for old in files_in(dir) {
+            let path = dir.join(&old);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        if shard_rows == 0 || self.len() <= shard_rows {
+            self.save(&dir.join(FILE), metadata)?;
+            return Ok(vec![FILE.to_string()]);
+        }
+        let shards = self.len().div_ceil(shard_rows);
+        let mut names = Vec::with_capacity(shards);
+        for k in 0..shards {
+            let range = k * shard_rows..((k + 1) * shard_rows).min(self.len());
+            let mut meta = metadata.clone();
+            meta.insert(
+                "sfron.rows".into(),
+                format!("{}..{}", range.start, range.end),
+            );
+            let name = format!("examples-{k:05}-of-{shards:05}.safetensors");
+            self.rows(range).save(&dir.join(&name), &meta)?;
+            names.push(name);
+        }
+        Ok(names)
+    }
+
+    /// Reads what [`Examples::save_dir`] wrote into `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let names = files_in(dir);
+        if names.is_empty() {
+            bail!("{}: no {FILE} (nor its shards)", dir.display());
+        }
+        let mut all: Option<Examples> = None;
+        for name in &names {
+            let part = Self::load(&dir.join(name))?;
+            match all.as_mut() {
+                None => all = Some(part),
+                Some(all) => all.append(part),
+            }
+        }
+        Ok(all.expect("at least one file"))
     }
 
     /// Writes the file atomically, with `metadata`.

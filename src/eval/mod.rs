@@ -164,9 +164,37 @@ pub fn examine(
         0
     };
     let mut bytes: Vec<u8> = Vec::new();
+    // The rows reach rank 0 in rounds of `per_round` batches per rank, each
+    // round's message under 1 GiB in all (MPI counts are 32-bit; ImageNet's
+    // 1.3 M rows with 1,000 logits are 5 GB) and at most a shard; every
+    // rank takes part in as many rounds as the rank with the most batches.
+    // (Rank 0 still holds every row: its metrics need them all.)
+    let width = if reference.is_some() { 9 } else { 7 };
+    let record = 8 + 8 * width + 4 * classes;
+    let budget = (1usize << 30) / comm.size() / (record * plan.eval.batch).max(1);
+    // At most a shard's rows per round (`eval.shard_rows`), when sharded.
+    let shard = plan.eval.shard_rows as usize / (comm.size() * plan.eval.batch).max(1);
+    let per_round = match plan.eval.shard_rows {
+        0 => budget,
+        _ => budget.min(shard),
+    }
+    .max(1);
+    let rounds = (jobs.len().div_ceil(comm.size()).max(1) - 1) / per_round + 1;
+    let mut gathered: Vec<Vec<u8>> = Vec::new();
+    let mut gather = |bytes: &mut Vec<u8>| {
+        if let Some(parts) = comm.gather_bytes(bytes, 0) {
+            gathered.extend(parts);
+        }
+        bytes.clear();
+    };
+    let mut done_rounds = 0;
     let ahead = 4;
     let mut submitted = 0;
     for k in 0..mine.len() {
+        if k > 0 && k % per_round == 0 {
+            gather(&mut bytes);
+            done_rounds += 1;
+        }
         while submitted < mine.len() && submitted < k + ahead {
             let (subset, _, indices) = mine[submitted];
             loaders[part(*subset)].submit(0, indices.clone());
@@ -236,10 +264,19 @@ pub fn examine(
             Ok(())
         })?;
     }
-    let Some(parts) = comm.gather_bytes(&bytes, 0) else {
+    while done_rounds < rounds {
+        gather(&mut bytes);
+        done_rounds += 1;
+    }
+    if !comm.is_root() {
         return Ok(None);
-    };
-    Ok(Some(assemble(&parts, &lists, reference.is_some(), classes)))
+    }
+    Ok(Some(assemble(
+        &gathered,
+        &lists,
+        reference.is_some(),
+        classes,
+    )))
 }
 
 /// Logits, log-probabilities (f64) and the per-row columns loss, margin,
@@ -398,8 +435,8 @@ pub struct Reference<'a> {
 }
 
 /// Evaluates the weights at `model_path` (against `reference`) on the
-/// plan's split; rank 0 writes `examples.safetensors` and `eval.json` to the
-/// run folder and gets the evaluation and the examples.
+/// plan's split; rank 0 writes `examples.safetensors` (or its shards) and
+/// `eval.json` to the run folder and gets the evaluation and the examples.
 pub fn evaluate_files(
     comm: &Comm,
     plan: &RunPlan,
@@ -470,7 +507,7 @@ pub fn evaluate_files(
     if let Some(r) = &evaluation.reference_digest {
         meta.insert("sfron.reference".into(), r.clone());
     }
-    examples.save(&plan.run_dir.join(EXAMPLES_FILE), &meta)?;
+    examples.save_dir(&plan.run_dir, plan.eval.shard_rows as usize, &meta)?;
     crate::fsx::write_atomic(
         &plan.run_dir.join(EVAL_FILE),
         serde_json::to_string_pretty(&evaluation)?.as_bytes(),
@@ -481,7 +518,7 @@ pub fn evaluate_files(
 }
 
 pub const EVAL_FILE: &str = "eval.json";
-pub const EXAMPLES_FILE: &str = "examples.safetensors";
+pub use examples::{FILE as EXAMPLES_FILE, files_in as examples_files};
 
 /// `sfron eval`.
 pub fn run(comm: &Comm, plan: &RunPlan, device: Device, args: &EvalArgs) -> Result<Status> {

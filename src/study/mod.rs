@@ -366,8 +366,8 @@ fn eval_stage(
             .as_bytes()
         )
     );
-    let outputs = [eval::EVAL_FILE, eval::EXAMPLES_FILE];
-    let (done, _lock) = begin(comm, &plan.run_dir, &key, &outputs)?;
+    // The examples' files (one, or its shards) are recorded by `finish`.
+    let (done, _lock) = begin(comm, &plan.run_dir, &key, &[eval::EVAL_FILE])?;
     if done {
         if !comm.is_root() {
             return Ok(None);
@@ -377,10 +377,13 @@ fn eval_stage(
             .with_context(|| format!("reading {}", path.display()))?;
         let evaluation: Evaluation = serde_json::from_str(&text)
             .with_context(|| format!("{}: not an evaluation", path.display()))?;
-        let examples = Examples::load(&plan.run_dir.join(eval::EXAMPLES_FILE))?;
+        let examples = Examples::load_dir(&plan.run_dir)?;
         return Ok(Some((evaluation, examples)));
     }
     let done = eval::evaluate_files(comm, plan, device, model, reference)?;
+    let mut outputs = vec![eval::EVAL_FILE.to_string()];
+    outputs.extend(eval::examples_files(&plan.run_dir));
+    let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
     finish(comm, &plan.run_dir, &key, &outputs)?;
     Ok(done)
 }
@@ -394,12 +397,13 @@ fn begin(comm: &Comm, dir: &Path, key: &str, outputs: &[&str]) -> Result<(bool, 
     let mut verdict = [0u8];
     if comm.is_root() {
         let record = read_record(dir);
+        // The named outputs are recorded, and every recorded output (an
+        // evaluation's example shards too) is as recorded.
         let intact = |r: &StageRecord| {
-            outputs.iter().all(|o| {
-                r.outputs.get(*o).is_some_and(|digest| {
+            outputs.iter().all(|o| r.outputs.contains_key(*o))
+                && r.outputs.iter().all(|(o, digest)| {
                     std::fs::read(dir.join(o)).is_ok_and(|b| &sha256_hex(&b) == digest)
                 })
-            })
         };
         match &record {
             Some(r) if r.key == key && r.done && intact(r) => verdict[0] = 1,

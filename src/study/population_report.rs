@@ -76,7 +76,7 @@ pub fn write(
         };
         for k in 0..n_models {
             let dir = root.join(format!("model-{k}/eval/{name}"));
-            let examples = Examples::load(&dir.join(eval::EXAMPLES_FILE))?;
+            let examples = Examples::load_dir(&dir)?;
             let tests = examples
                 .subset
                 .iter()
