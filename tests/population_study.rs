@@ -187,8 +187,17 @@ fn a_folder_of_another_recipe_is_refused_and_left_alone() {
         "{message}"
     );
     assert_eq!(listing(&root), before, "the refused job wrote something");
-    // Another group size, another model or another population size is the same recipe.
-    let o = study(&small(&dir, "pop", &["study.only=1", "study.population=4"]));
+    // Another model, population size, method list or thread count is the same recipe.
+    let o = study(&small(
+        &dir,
+        "pop",
+        &[
+            "study.only=1",
+            "study.population=4",
+            "study.methods=[\"rl\"]",
+            "device.threads=2",
+        ],
+    ));
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -262,7 +262,9 @@ fn prepare(world: &Comm, p: &Population) -> Result<()> {
 
 /// What a population's items depend on: the whole resolved config but the
 /// keys that only place or schedule the job (run.root, run.name, log, comm,
-/// study.population, study.only).
+/// device.threads, data.workers) or choose which items it runs
+/// (study.population, study.only, study.methods: a population may grow, or
+/// gain a method, with the items it has).
 fn recipe(plan: &RunPlan) -> Result<serde_json::Value> {
     let mut raw = serde_json::to_value(&plan.config.raw)?;
     for (section, key) in [
@@ -270,8 +272,11 @@ fn recipe(plan: &RunPlan) -> Result<serde_json::Value> {
         ("run", Some("name")),
         ("log", None),
         ("comm", None),
+        ("device", Some("threads")),
+        ("data", Some("workers")),
         ("study", Some("population")),
         ("study", Some("only")),
+        ("study", Some("methods")),
     ] {
         match key {
             None => {
