@@ -312,7 +312,10 @@ fn judge(
             &column(oracle, c),
             stats::CHALLENGE_DELTA,
         ));
-        let Some((pos, neg)) = stats::ulira_example(&learned, &never) else {
+        // Too few models on a side, or a diverged model's non-finite margin.
+        let Some((pos, neg)) = stats::ulira_example(&learned, &never)
+            .filter(|(p, n)| p.iter().chain(n).all(|s| s.is_finite()))
+        else {
             skipped += 1;
             continue;
         };
@@ -327,7 +330,9 @@ fn judge(
         positive.extend(flags);
     }
     let roc = stats::roc(&scores, &positive);
-    let f = stats::forgetting_quality(&epsilons);
+    // An example without a model that learned it (subsampling) has no ε.
+    let measured: Vec<f64> = epsilons.iter().copied().filter(|e| !e.is_nan()).collect();
+    let f = stats::forgetting_quality(&measured);
     kloms.insert("epsilon".into(), epsilons);
     let (ra_u, ra_r) = (
         mean_of(kind, |m| m.remain_acc),
@@ -354,6 +359,7 @@ fn judge(
         },
         "challenge": {
             "forgetting_quality": f,
+            "examples": measured.len(),
             "score": stats::challenge_score(f, ra_u, ra_r, ta_u, ta_r),
         },
         "unlearn_acc": mean_std_json(&metric(&|e| Some(e.metrics.unlearn_acc))),
@@ -450,7 +456,7 @@ fn markdown(
          ddof 0) of the margins of models that learned the example and then unlearned it, and \
          of models that never learned it ({never}), each model scored leave-one-out by the log \
          likelihood ratio; the ROC pools every (model, example) score. AUC 0.5 and TPR = FPR are \
-         perfect. Examples with fewer than 3 models on a side are skipped.\n\
+         perfect. Examples with fewer than 3 models on a side, or a non-finite margin, are skipped.\n\
          - **Challenge score** (Triantafillou et al., arXiv:2406.09073, the NeurIPS 2023 \
          unlearning competition): per forget example, ε = the largest over threshold attacks on \
          the margins (both directions) of max(ln(1 − δ − FPR) − ln FNR, ln(1 − δ − FNR) − ln FPR), \
