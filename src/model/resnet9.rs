@@ -31,7 +31,7 @@ use tch::Tensor;
 use tch::nn::{self, ModuleT};
 
 use super::norm::{BatchNorm, NormSync, batch_norm2d};
-use super::zoo::Classifier;
+use super::zoo::{Classifier, conv};
 
 /// The reference's `Mul(0.2)` after the linear layer.
 pub const LOGIT_SCALE: f64 = 0.2;
@@ -53,14 +53,8 @@ impl ConvBn {
         padding: i64,
         norm: &NormSync,
     ) -> Self {
-        let config = nn::ConvConfig {
-            stride,
-            padding,
-            bias: false,
-            ..Default::default()
-        };
         ConvBn {
-            conv: nn::conv2d(&p / 0, cin, cout, k, config),
+            conv: conv(&p / 0, cin, cout, k, stride, padding, false),
             bn: batch_norm2d(&p / 1, cout, norm),
         }
     }

@@ -265,7 +265,8 @@ impl Arch {
     }
 }
 
-fn conv(
+/// A convolution with PyTorch's `nn.Conv2d` initialisation.
+pub(super) fn conv(
     p: nn::Path,
     cin: i64,
     cout: i64,
